@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from peft.tuners.lora import LoraModel
+from torch import nn
+
+from .config import PIConfig
+from .rope import (
+    model_rope_config,
+    rope_parameters_of,
+    scaled_rope_parameters,
+    set_rope_parameters,
+)
+
+_NORM_CLASS_MARKERS = ("RMSNorm", "LayerNorm")
+
+
+def _params_equal(a: dict, b: dict) -> bool:
+    if set(a) != set(b):
+        return False
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, (int, float)) and isinstance(other, (int, float)) and not isinstance(value, bool):
+            if abs(float(value) - float(other)) > 1e-9 * max(1.0, abs(float(value))):
+                return False
+        elif value != other:
+            return False
+    return True
+
+
+class PIModel(LoraModel):
+    """
+    LoRA with Position Interpolation: peft's [`~peft.LoraModel`] plus a RoPE that follows the adapter.
+
+    While a PI adapter is active the model runs with the adapter's `rope_parameters` and window; with
+    `disable_adapter()`, `unload()` or no active adapter it runs with the base model's original RoPE, and
+    `merge_and_unload()` keeps the extension in the returned model's config. Only `BaseTuner` hooks are overridden.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): A RoPE model (Llama, Mistral, Qwen2, ...).
+        config ([`PIConfig`]): The configuration of the adapter.
+        adapter_name (`str`, defaults to `"default"`): The name of the adapter.
+
+    Example:
+
+        ```py
+        >>> import pi_peft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base, pi_peft.PIConfig(context_length=16384, target_modules="all-linear"))
+        ```
+    """
+
+    # ---- BaseTuner hooks -------------------------------------------------------------------------------------------
+    def _prepare_model(self, peft_config: PIConfig, model: nn.Module):
+        super()._prepare_model(peft_config, model)
+        if not hasattr(self, "_pi_original_rope"):
+            rope_config = model_rope_config(model)  # raises for models without RoPE
+            self._pi_original_rope = (rope_parameters_of(rope_config), rope_config.max_position_embeddings)
+            self._pi_enabled = True
+        base_params, base_window = self._pi_original_rope
+        if peft_config.base_rope_parameters is None:
+            peft_config.base_rope_parameters = copy.deepcopy(base_params)
+        elif not _params_equal(peft_config.base_rope_parameters, base_params):
+            raise ValueError(
+                f"This PI adapter was trained on a base model with `rope_parameters`={peft_config.base_rope_parameters}"
+                f", but the model it is being applied to has {base_params}. Applying it would scale RoPE twice or "
+                "not at all. Load the adapter onto the original base model (not a merged or already extended one)."
+            )
+        peft_config.resolve_context(base_window)
+        peft_config.modules_to_save = self._pi_modules_to_save(peft_config, model)
+        self._pi_target_rope(peft_config)  # validate now, before any module is replaced
+        self._pi_sync_rope()
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ):
+        if merge:
+            self._pi_sync_rope(adapter_names)  # the merged model keeps the merged adapters' RoPE
+        else:
+            self._pi_apply(*self._pi_original_rope)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def disable_adapter_layers(self) -> None:
+        super().disable_adapter_layers()
+        self._pi_enabled = False
+        self._pi_sync_rope()
+
+    def enable_adapter_layers(self) -> None:
+        super().enable_adapter_layers()
+        self._pi_enabled = True
+        self._pi_sync_rope()
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._pi_sync_rope()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._pi_sync_rope()
+
+    # ---- helpers ---------------------------------------------------------------------------------------------------
+    def _pi_target_rope(self, config: PIConfig) -> tuple[dict, int]:
+        base_params, base_window = self._pi_original_rope
+        params = scaled_rope_parameters(
+            base_params,
+            rope_type=config.rope_type,
+            scaling_factor=config.scaling_factor,
+            original_context_length=config.original_context_length,
+            **config.rope_extra_parameters,
+        )
+        if config.scaling_factor == 1 or config.rope_type == "dynamic":
+            # dynamic NTK rescales past `max_position_embeddings`, so that must stay the original window
+            return params, base_window
+        return params, max(base_window, config.context_length)
+
+    def _pi_sync_rope(self, adapter_names: Optional[list[str]] = None) -> None:
+        """Give the model the RoPE of the active PI adapter(s), or the original one when none is in effect."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        configs = {n: self.peft_config[n] for n in names if isinstance(self.peft_config.get(n), PIConfig)}
+        if not configs or not getattr(self, "_pi_enabled", True):
+            self._pi_apply(*self._pi_original_rope)
+            return
+        targets = {n: self._pi_target_rope(c) for n, c in configs.items()}
+        first_name, first = next(iter(targets.items()))
+        for name, target in targets.items():
+            if not (_params_equal(target[0], first[0]) and target[1] == first[1]):
+                raise ValueError(
+                    f"Adapters {first_name!r} and {name!r} extend RoPE differently ({first[0]} vs {target[0]}); "
+                    "a model has one RoPE at a time, so activate them one at a time."
+                )
+        self._pi_apply(*first)
+
+    def _pi_apply(self, rope_parameters: dict, max_position_embeddings: int) -> None:
+        set_rope_parameters(self.model, rope_parameters, max_position_embeddings)
+
+    @staticmethod
+    def _pi_modules_to_save(config: PIConfig, model: nn.Module) -> Optional[list[str]]:
+        """Map `train_embeddings`/`train_norms` onto peft's own `modules_to_save` (same adapter file)."""
+        names = list(config.modules_to_save or [])
+        extra: list[str] = []
+        if config.train_embeddings:
+            embeddings = model.get_input_embeddings()
+            extra += [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is embeddings]
+        if config.train_norms:
+            extra += [
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if n and any(marker in type(m).__name__ for marker in _NORM_CLASS_MARKERS)
+            ]
+        for name in extra:
+            if name not in names:
+                names.append(name)
+        return names or None

@@ -1,0 +1,175 @@
+"""RoPE math and surgery, as small named functions.
+
+Position Interpolation (Chen et al. 2023, https://arxiv.org/abs/2306.15595) is one line::
+
+    inv_freq / scaling_factor            # == rotating position m as if it were m / s
+
+Everything else here is bookkeeping: building the ``rope_parameters`` dict that transformers understands, and
+re-computing the rotary buffers of an *already loaded* model with transformers' own code (the model's rotary class,
+which calls ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS``). ``inv_freq`` is computed once at init and is
+not in the state dict, so changing ``config.rope_parameters`` after ``from_pretrained`` does nothing on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+ROPE_TYPES: tuple[str, ...] = ("linear", "dynamic", "yarn", "llama3")
+"""The ``rope_type`` values pi_peft can apply; ``linear`` is Position Interpolation."""
+
+ROPE_TYPE_EXTRA_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "linear": (),
+    "dynamic": (),
+    "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    "llama3": ("low_freq_factor", "high_freq_factor"),
+}
+"""Optional ``rope_parameters`` keys that transformers accepts for each type, besides ``factor``."""
+
+LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+"""Meta's Llama 3.1 values; transformers requires both keys for ``rope_type="llama3"``."""
+
+
+def pi_inv_freq(inv_freq: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """Position Interpolation: rotate position ``m`` by the angle of ``m / s``. ``(dim/2,) -> (dim/2,)``."""
+    return inv_freq / scaling_factor
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for ``positions`` ``(T,)`` -> two ``(T, dim)`` tensors, in transformers' half-split layout."""
+    freqs = positions[:, None].float() * inv_freq[None, :].float()  # (T, dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, dim)
+    return emb.cos(), emb.sin()
+
+
+def rotary_embeddings(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every rotary embedding of a transformers model (modules holding ``inv_freq``)."""
+    for name, module in model.named_modules():
+        if "inv_freq" in getattr(module, "_buffers", {}) and hasattr(module, "config"):
+            yield name, module
+
+
+def rope_parameters_of(config) -> dict:
+    """A standalone copy of ``config.rope_parameters`` (transformers 5) with ``rope_type``/``rope_theta`` filled in."""
+    params = getattr(config, "rope_parameters", None)
+    if params is None and getattr(config, "rope_scaling", None) is not None:  # transformers 4 naming
+        params = config.rope_scaling
+    params = copy.deepcopy(dict(params or {}))
+    params.setdefault("rope_type", params.pop("type", "default"))
+    if "rope_theta" not in params and getattr(config, "rope_theta", None) is not None:
+        params["rope_theta"] = config.rope_theta
+    return params
+
+
+def scaled_rope_parameters(
+    base: dict,
+    *,
+    rope_type: str,
+    scaling_factor: float,
+    original_context_length: int,
+    **extra: float | bool | None,
+) -> dict:
+    """The ``rope_parameters`` of ``base`` extended by ``scaling_factor`` with ``rope_type``.
+
+    ``base`` keeps every key it already has (``rope_theta``, ``partial_rotary_factor``, ...). A base that is already
+    linearly scaled composes with ``linear`` by multiplying the factors; every other combination that transformers'
+    config cannot express raises ``ValueError``. ``scaling_factor == 1`` returns ``base`` unchanged (an exact no-op).
+    """
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"`rope_type` must be one of {ROPE_TYPES}, got {rope_type!r}.")
+    params = copy.deepcopy(base)
+    if scaling_factor == 1:
+        return params
+    base_type = params.get("rope_type", "default")
+    factor = float(scaling_factor)
+    if base_type == "linear" and rope_type == "linear":
+        factor *= float(params["factor"])  # PI on PI: positions are divided twice
+    elif base_type != "default":
+        raise ValueError(
+            f"The base model already uses `rope_parameters` with rope_type={base_type!r} "
+            f"(factor={params.get('factor')}); pi_peft cannot stack rope_type={rope_type!r} on top of it, because "
+            "transformers' config cannot express the combination. Use a base model without RoPE scaling, or "
+            "rope_type='linear' on a linearly scaled base (the factors multiply)."
+        )
+    params["rope_type"] = rope_type
+    params["factor"] = factor
+    if rope_type in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = int(original_context_length)
+    if rope_type == "llama3":
+        params.update({k: v for k, v in LLAMA3_DEFAULTS.items() if extra.get(k) is None})
+    params.update({k: v for k, v in extra.items() if v is not None})
+    return params
+
+
+def _rotary_config(model: nn.Module):
+    rotaries = list(rotary_embeddings(model))
+    if not rotaries:
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", type(model).__name__)
+        raise ValueError(
+            f"Model type {model_type!r} has no rotary position embeddings (no module holds an `inv_freq` buffer). "
+            "Position Interpolation needs rotary embeddings (RoPE): use a RoPE model such as Llama, Mistral or Qwen2."
+        )
+    configs = {id(module.config): module.config for _, module in rotaries}
+    if len(configs) != 1:
+        raise ValueError("pi_peft supports models whose rotary embeddings share one config; this model has several.")
+    return rotaries, next(iter(configs.values()))
+
+
+def model_rope_config(model: nn.Module):
+    """The config object the model's rotary embeddings read (``model.config`` or its text config)."""
+    return _rotary_config(model)[1]
+
+
+def _rebuild_rotary(module: nn.Module) -> None:
+    """Recompute ``module``'s buffers from its (updated) config, with the model's own rotary class."""
+    cls = type(module)
+    device = module.inv_freq.device
+    kwargs = {"device": device} if "device" in inspect.signature(cls.__init__).parameters else {}
+    fresh = cls(module.config, **kwargs)
+    for name, buffer in fresh.named_buffers(recurse=False):
+        old = module._buffers.get(name)
+        dtype = old.dtype if old is not None and old.is_floating_point() else buffer.dtype
+        module.register_buffer(name, buffer.to(device=device, dtype=dtype), persistent=name in fresh.state_dict())
+    for key, value in vars(fresh).items():
+        if not key.startswith("_") and key != "training":
+            setattr(module, key, value)
+    module.__dict__.pop("long_inv_freq", None)  # cached by transformers' longrope/dynamic update
+
+
+def set_rope_parameters(model: nn.Module, rope_parameters: dict, max_position_embeddings: int) -> None:
+    """Write ``rope_parameters``/``max_position_embeddings`` into the model's config and recompute its rotary buffers.
+
+    Never touches ``position_ids``: packed batches find sequence boundaries from them. Holds no trainable weights,
+    so a 4-bit base is handled the same way.
+    """
+    rotaries, config = _rotary_config(model)
+    config.rope_parameters = copy.deepcopy(rope_parameters)
+    config.max_position_embeddings = int(max_position_embeddings)
+    if hasattr(config, "standardize_rope_params"):
+        config.standardize_rope_params()
+    if hasattr(config, "validate_rope"):
+        try:
+            config.validate_rope()
+        except KeyError as exc:  # transformers raises KeyError for missing keys
+            raise ValueError(f"Invalid `rope_parameters` {rope_parameters}: {exc}") from exc
+    for _, module in rotaries:
+        _rebuild_rotary(module)
+    # nanoGPT-style invariant: every rotary module now reads the config we just wrote.
+    for _, module in rotaries:
+        assert module.config.rope_parameters["rope_type"] == rope_parameters["rope_type"]
+        assert torch.isfinite(module.inv_freq).all()
+
+
+def effective_context_length(original_context_length: int, scaling_factor: float) -> int:
+    """``L' = s * L``, rounded to the nearest token."""
+    return int(round(original_context_length * scaling_factor))
+
+
+def is_close_factor(a: float, b: float) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=1e-6)
