@@ -1,0 +1,303 @@
+"""Export a PI adapter for tools that do not know pi_peft: ``pi-peft export merged`` and ``pi-peft export lora``.
+
+Usage::
+
+    pi-peft export merged outputs/llama2-16k-pi llama2-16k-merged [--dtype bfloat16] [--max-shard-size 5GB]
+    pi-peft export lora   outputs/llama2-16k-pi llama2-16k-lora
+
+``merged`` reloads the base model in 16 bits (never quantised, also for a QLoRA adapter: merging into dequantised
+4-bit weights would bake the quantisation error in), applies the adapter, merges it (``merge_and_unload`` keeps the
+extended RoPE) and saves a plain transformers checkpoint: sharded safetensors whose ``config.json`` carries the
+extended ``rope_parameters`` and ``max_position_embeddings``, plus the tokenizer. Trained embeddings and norms are
+merged too.
+
+``lora`` rewrites the adapter as a plain peft LoRA (``"peft_type": "LORA"``, same weights) with a README giving the
+exact vLLM (``--hf-overrides``, ``--max-model-len``) and llama.cpp (``--rope-scaling``, ``--rope-scale``) flags that
+restore the RoPE it was trained with. A plain LoRA cannot carry fully trained embeddings or norms, so such adapters
+are refused with a pointer to ``export merged``.
+
+Both write into a temporary folder next to the output and ``os.replace`` it into place: the output is complete or
+absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .card import (
+    PI_TAGS,
+    extension_of,
+    fmt_factor,
+    llama_cpp_rope_flags,
+    llama_cpp_unsupported_note,
+    vllm_lora_command,
+)
+from .loading import (
+    ADAPTER_CONFIG_NAME,
+    PICKLE_NAME,
+    SAFETENSORS_NAME,
+    check_adapter_dir,
+    load_adapter,
+    resolve_adapter_dir,
+)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: Union[str, os.PathLike], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``output`` only if the block succeeds (complete or absent)."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ValueError(f"`output`={str(output)!r} already exists; choose a new folder or pass `--overwrite`.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
+
+
+# ---- merged --------------------------------------------------------------------------------------------------------
+def _merge_dtype(dtype: str, base_config: Any) -> torch.dtype:
+    """``auto``: the base checkpoint's dtype when it is 16-bit, else bfloat16."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {['auto', *DTYPES]}, got {dtype!r}.")
+        return DTYPES[dtype]
+    saved = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None)
+    saved = getattr(torch, saved) if isinstance(saved, str) else saved
+    return saved if saved in SIXTEEN_BIT else torch.bfloat16
+
+
+def _check_unquantized_base(base: str, base_config: Any) -> None:
+    if getattr(base_config, "quantization_config", None) is not None:
+        method = base_config.quantization_config
+        method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", method)
+        raise ValueError(
+            f"`base`={base!r} is a pre-quantised checkpoint ({method}). Merging into dequantised weights bakes the "
+            "quantisation error into the model; pass `--base` pointing at the original 16-bit model it was made from."
+        )
+
+
+def _load_tokenizer(adapter_dir: Path, base: str):
+    from transformers import AutoTokenizer
+
+    for source in (adapter_dir, base):
+        has_files = any((Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        if Path(source).is_dir() and not has_files:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(str(source))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _merged_card(ext, base: str, output_name: str) -> str:
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        base_model=base, library_name="transformers", pipeline_tag="text-generation", tags=[*PI_TAGS, "merge"]
+    )
+    return (
+        f"---\n{data.to_yaml()}\n---\n\n# {output_name}\n\n"
+        f"`{base}` with a pi_peft Position Interpolation adapter merged in: context window "
+        f"{ext.original_context_length:,} -> {ext.context_length:,} tokens (`rope_type={ext.rope_type!r}`, factor "
+        f"{fmt_factor(ext.scaling_factor)}). `config.json` carries the extended `rope_parameters`, so plain "
+        "transformers, vLLM and llama.cpp's `convert_hf_to_gguf.py` pick it up without pi_peft:\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{output_name}")\n```\n\n'
+        f"```bash\nvllm serve {output_name} --max-model-len {ext.context_length}\n```\n"
+    )
+
+
+def export_merged(
+    adapter: Union[str, os.PathLike],
+    output: Union[str, os.PathLike],
+    *,
+    base: Optional[str] = None,
+    dtype: str = "auto",
+    max_shard_size: Union[int, str] = "5GB",
+    revision: Optional[str] = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Merge a PI adapter into a 16-bit copy of its base and save a standalone transformers checkpoint.
+
+    Args:
+        adapter: adapter folder or Hub id.
+        output: folder to write (must not exist unless ``overwrite``).
+        base: base model (folder or Hub id); defaults to the adapter's ``base_model_name_or_path``. Must be the
+            un-quantised model, also for QLoRA adapters.
+        dtype: ``"auto"`` (the base's 16-bit dtype, else bfloat16), ``"bfloat16"``, ``"float16"``, or ``"float32"``.
+        max_shard_size: largest safetensors shard, e.g. ``"5GB"``.
+        revision: Hub revision of the adapter.
+        allow_pickle: accept a pickle ``adapter_model.bin``.
+        overwrite: replace an existing ``output`` (atomically).
+    """
+    from transformers import AutoConfig
+
+    adapter_dir = resolve_adapter_dir(adapter, revision=revision)
+    config = check_adapter_dir(adapter_dir, allow_pickle=allow_pickle)
+    ext = extension_of(config)
+    base = base or config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError("The adapter does not record its base model; pass `base=` (CLI: `--base`).")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ValueError(f"`output`={str(output)!r} already exists; choose a new folder or pass `--overwrite`.")
+    base_config = AutoConfig.from_pretrained(base)
+    _check_unquantized_base(base, base_config)
+    torch_dtype = _merge_dtype(dtype, base_config)
+
+    model = load_adapter(adapter_dir, base, dtype=torch_dtype, allow_pickle=allow_pickle)  # 16-bit, never 4-bit
+    merged = model.merge_and_unload()
+    got = merged.config.rope_parameters
+    if any(got.get(k) != v for k, v in ext.rope_parameters.items()):  # merge_and_unload must keep PI's RoPE
+        raise RuntimeError(f"merged model has rope_parameters {got}, expected {ext.rope_parameters}")
+    merged.config.dtype = torch_dtype
+    tokenizer = _load_tokenizer(adapter_dir, base)
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.model_max_length = ext.context_length
+            tokenizer.save_pretrained(tmp)
+        else:
+            print(f"pi-peft export: no tokenizer found in {str(adapter_dir)!r} or {base!r}; saved without one.")
+        (tmp / "README.md").write_text(_merged_card(ext, base, output.name))
+    return output
+
+
+# ---- plain LoRA ----------------------------------------------------------------------------------------------------
+def plain_lora_config(pi_config: dict[str, Any]) -> dict[str, Any]:
+    """The adapter config as a plain ``LoraConfig`` dict (PI fields dropped, ``peft_type`` ``LORA``)."""
+    from peft import LoraConfig
+
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    plain = {k: v for k, v in pi_config.items() if k in lora_fields}
+    plain["peft_type"] = "LORA"
+    plain["modules_to_save"] = None
+    LoraConfig.from_peft_type(**plain)  # raises if peft would not accept it
+    return plain
+
+
+def _lora_readme(ext, base: str, output: Path, rank: int) -> str:
+    output_name = str(output)
+    llama = llama_cpp_rope_flags(ext)
+    llama_text = (
+        "```bash\n"
+        f"python convert_lora_to_gguf.py --base <base model folder> {output_name} --outfile adapter.gguf\n"
+        f"llama-server -m base.gguf --lora adapter.gguf {llama}\n```\n"
+        if llama
+        else f"{llama_cpp_unsupported_note(ext)}\n"
+    )
+    return (
+        f"# {output.name}: plain LoRA export of a pi_peft adapter\n\n"
+        f"This is a standard peft LoRA adapter (`peft_type: LORA`) for `{base}`. It was trained with Position "
+        f"Interpolation: the context window grew from {ext.original_context_length:,} to {ext.context_length:,} "
+        f"tokens (`rope_type={ext.rope_type!r}`, factor {fmt_factor(ext.scaling_factor)}). **The adapter does not "
+        "carry that RoPE change**: a tool must be told, or it silently runs with the original RoPE and the output "
+        f"degrades past {ext.original_context_length:,} tokens.\n\n"
+        "## vLLM\n\n"
+        f"```bash\n{vllm_lora_command(ext, base, output_name, rank)}\n```\n\n"
+        "`--hf-overrides` replaces the base's `rope_parameters` with the extended ones; `--max-model-len "
+        f"{ext.context_length}` is the new window.\n\n"
+        "## llama.cpp\n\n"
+        f"{llama_text}\n"
+        "## transformers + peft\n\n"
+        "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+        f'base = AutoModelForCausalLM.from_pretrained("{base}", rope_parameters={ext.rope_parameters!r})\n'
+        f'model = PeftModel.from_pretrained(base, "{output_name}")\n```\n'
+    )
+
+
+def export_lora(
+    adapter: Union[str, os.PathLike],
+    output: Union[str, os.PathLike],
+    *,
+    revision: Optional[str] = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write a PI adapter as a plain LoRA adapter plus a README with the RoPE flags vLLM/llama.cpp need."""
+    adapter_dir = resolve_adapter_dir(adapter, revision=revision)
+    config = check_adapter_dir(adapter_dir, allow_pickle=allow_pickle)
+    ext = extension_of(config)
+    full = [k for k in ("train_embeddings", "train_norms") if config.get(k)]
+    if full or config.get("modules_to_save"):
+        what = full or [f"modules_to_save={config.get('modules_to_save')}"]
+        raise ValueError(
+            f"This adapter also trained full modules ({', '.join(f'`{w}`' for w in what)}), which a plain LoRA "
+            "cannot carry; exporting it as LoRA would silently drop them. Use `pi-peft export merged` instead, which "
+            "merges them into a standalone model."
+        )
+    plain = plain_lora_config(config)
+    base = config.get("base_model_name_or_path") or "<base model>"
+    output = Path(output)
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        if (adapter_dir / SAFETENSORS_NAME).is_file():
+            shutil.copy2(adapter_dir / SAFETENSORS_NAME, tmp / SAFETENSORS_NAME)
+        else:  # allow_pickle was given (check_adapter_dir refuses otherwise): convert to safetensors
+            from safetensors.torch import save_file
+
+            state = torch.load(adapter_dir / PICKLE_NAME, map_location="cpu", weights_only=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(plain, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(_lora_readme(ext, base, output, int(config.get("r") or 8)))
+    return output
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pi-peft export", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="kind", required=True)
+    merged = sub.add_parser("merged", help="a standalone model with the adapter merged into 16-bit weights")
+    lora = sub.add_parser("lora", help="a plain LoRA adapter + README with vLLM/llama.cpp RoPE flags")
+    for q in (merged, lora):
+        q.add_argument("adapter", help="adapter folder or Hub id")
+        q.add_argument("output", help="folder to write (must not exist unless --overwrite)")
+        q.add_argument("--revision", help="Hub revision of the adapter")
+        q.add_argument("--allow-pickle", action="store_true", help="accept a pickle adapter_model.bin (unsafe)")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    merged.add_argument("--base", help="16-bit base model (default: the adapter's base_model_name_or_path)")
+    merged.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="dtype of the merged weights")
+    merged.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    return p
+
+
+def cli_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    common = dict(revision=args.revision, allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+    try:
+        if args.kind == "merged":
+            kwargs = dict(base=args.base, dtype=args.dtype, max_shard_size=args.max_shard_size)
+            out = export_merged(args.adapter, args.output, **kwargs, **common)
+        else:
+            out = export_lora(args.adapter, args.output, **common)
+    except ValueError as exc:
+        print(f"pi-peft export: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Wrote {out}")
+    return 0

@@ -1,0 +1,273 @@
+"""Safe loading of adapter folders, local or on the Hub, with clear errors for the ways they go wrong.
+
+One code path for both: a Hub id is first turned into a local snapshot folder by huggingface_hub's
+``snapshot_download`` (cache, token, ``revision`` and ``HF_HUB_OFFLINE`` handled as everywhere else in the HF
+stack), then the folder is checked exactly like a local one:
+
+- ``adapter_config.json`` present and valid JSON with a ``peft_type``;
+- weights present as ``adapter_model.safetensors``, whose header and size are consistent (a truncated or corrupt file
+  is named as such instead of failing deep inside safetensors/peft);
+- a pickle ``adapter_model.bin`` is refused unless ``allow_pickle=True`` (unpickling can run arbitrary code);
+- every adapter tensor fits the base model it is applied to (same module names and sizes), so an adapter meant for
+  another architecture or model size fails with the module, both shapes and the fix, not a ``size mismatch`` trace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+SAVED_PREFIX = "base_model.model."
+"""peft saves adapter tensors under the PeftModel's names; stripping this gives the base model's module names."""
+
+# files a snapshot of an adapter repo needs (weights, config, card, tokenizer saved next to the adapter)
+ADAPTER_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.md", "*.model", "*.txt", "*.jinja"]
+
+_SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def resolve_adapter_dir(
+    adapter: Union[str, os.PathLike],
+    *,
+    revision: Optional[str] = None,
+    token: Union[str, bool, None] = None,
+) -> Path:
+    """A local folder for ``adapter`` (a folder, or a Hub repo id downloaded with ``snapshot_download``)."""
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(
+            f"`adapter`={str(adapter)!r} is a file; pass the adapter *folder* (the one holding {ADAPTER_CONFIG_NAME})."
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        local = snapshot_download(
+            str(adapter), revision=revision, token=token, allow_patterns=ADAPTER_ALLOW_PATTERNS, repo_type="model"
+        )
+    except HFValidationError as exc:
+        raise ValueError(
+            f"`adapter`={str(adapter)!r} is neither an existing folder nor a valid Hub repo id ('user/name'): {exc}"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ValueError(
+            f"`adapter`={str(adapter)!r}: no such local folder and no such Hub repo (or it is private: log in with "
+            "`hf auth login` or set `HF_TOKEN`)."
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        raise ValueError(
+            f"`adapter`={str(adapter)!r} is not a local folder and is not in the local Hub cache, and downloading is "
+            "off (HF_HUB_OFFLINE=1 or no connection). Pass a local folder, or unset HF_HUB_OFFLINE."
+        ) from exc
+    return Path(local)
+
+
+def read_safetensors_header(file: Union[str, os.PathLike]) -> dict[str, dict[str, Any]]:
+    """The tensor table of a ``.safetensors`` file, after checking the file is complete and well formed.
+
+    Format: 8-byte little-endian header length N, N bytes of JSON ``{name: {dtype, shape, data_offsets}}``, then the
+    data. Raises ``ValueError`` naming the file for a truncated or corrupt file.
+    """
+    file = Path(file)
+    size = file.stat().st_size
+
+    def corrupt(why: str) -> ValueError:
+        return ValueError(
+            f"`{file.name}` at {str(file)!r} is truncated or corrupt ({why}). Re-save the adapter or download it "
+            "again (e.g. `hf download <repo> --force-download`)."
+        )
+
+    if size < 8:
+        raise corrupt(f"{size} bytes, smaller than the 8-byte header length")
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise corrupt(f"header claims {header_len} bytes but the file has only {size - 8} after the length")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise corrupt(f"header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        try:
+            begin, stop = info["data_offsets"]
+            numel = 1
+            for dim in info["shape"]:
+                numel *= int(dim)
+            itemsize = _SAFETENSORS_DTYPE_BYTES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise corrupt(f"entry {name!r} is malformed: {exc!r}") from exc
+        if itemsize is not None and stop - begin != numel * itemsize:
+            raise corrupt(f"tensor {name!r} has {stop - begin} bytes for shape {info['shape']} {info['dtype']}")
+        end = max(end, stop)
+    if 8 + header_len + end != size:
+        raise corrupt(f"the header describes {8 + header_len + end} bytes but the file has {size}")
+    return header
+
+
+def check_adapter_dir(path: Union[str, os.PathLike], *, allow_pickle: bool = False) -> dict[str, Any]:
+    """Check an adapter folder and return its ``adapter_config.json`` as a dict (see the module docstring)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"`adapter`={str(path)!r} is not a folder.")
+    present = sorted(p.name for p in path.iterdir())
+    config_file = path / ADAPTER_CONFIG_NAME
+    if not config_file.is_file():
+        raise ValueError(
+            f"Adapter folder {str(path)!r} has no `{ADAPTER_CONFIG_NAME}` (it has: {present}). Point to the folder "
+            "written by `model.save_pretrained(...)`, which holds `adapter_config.json` and the weights."
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"`{ADAPTER_CONFIG_NAME}` in {str(path)!r} is not valid JSON: {exc}.") from exc
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ValueError(f"`{ADAPTER_CONFIG_NAME}` in {str(path)!r} has no `peft_type`; it is not a peft adapter.")
+    if (path / SAFETENSORS_NAME).is_file():
+        read_safetensors_header(path / SAFETENSORS_NAME)
+    elif (path / PICKLE_NAME).is_file():
+        if not allow_pickle:
+            raise ValueError(
+                f"Adapter folder {str(path)!r} holds its weights as a pickle (`{PICKLE_NAME}`), and unpickling a file "
+                "can run arbitrary code. pi_peft only loads `adapter_model.safetensors` by default. If you trust "
+                "the file, pass `allow_pickle=True` (CLI: `--allow-pickle`), then re-save it as safetensors."
+            )
+    else:
+        raise ValueError(
+            f"Adapter folder {str(path)!r} has no weights: expected `{SAFETENSORS_NAME}` (it has: {present}). "
+            "The save was probably interrupted; save the adapter again."
+        )
+    return config
+
+
+def adapter_tensor_shapes(path: Union[str, os.PathLike], *, allow_pickle: bool = False) -> dict[str, tuple]:
+    """``{saved name: shape}`` of the adapter's tensors, read without loading the data (safetensors)."""
+    path = Path(path)
+    if (path / SAFETENSORS_NAME).is_file():
+        return {k: tuple(v["shape"]) for k, v in read_safetensors_header(path / SAFETENSORS_NAME).items()}
+    if not allow_pickle:
+        raise ValueError(f"`{PICKLE_NAME}` is a pickle; pass `allow_pickle=True` to read it.")
+    state = torch.load(path / PICKLE_NAME, map_location="meta", weights_only=True)
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _module_in_out(module: nn.Module) -> Optional[tuple[int, int]]:
+    """(in, out) sizes a LoRA on ``module`` must have: ``lora_A`` is (r, in), ``lora_B`` is (out, r)."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):  # nn.Linear, bnb Linear4bit/8bit
+        return int(module.in_features), int(module.out_features)
+    return None
+
+
+def _describe(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    size = getattr(config, "hidden_size", "?")
+    layers = getattr(config, "num_hidden_layers", "?")
+    return f"{arch} (hidden_size={size}, num_hidden_layers={layers})"
+
+
+def check_base_compatible(shapes: Mapping[str, tuple], base: nn.Module, adapter_config: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` if an adapter with tensors ``shapes`` cannot apply to ``base`` (architecture/size)."""
+    trained_on = adapter_config.get("base_model_name_or_path") or "an unrecorded base model"
+    modules = dict(base.named_modules())
+    params = dict(base.named_parameters())
+    params.update(dict(base.named_buffers()))
+
+    def mismatch(what: str) -> ValueError:
+        return ValueError(
+            f"This adapter does not fit the base model {_describe(base)}: {what}. The adapter was trained on "
+            f"{trained_on!r}; load it onto that model (same architecture and size), e.g. with `base=` / `--base`."
+        )
+
+    for key, shape in shapes.items():
+        name = key[len(SAVED_PREFIX) :] if key.startswith(SAVED_PREFIX) else key
+        for marker, dim, which in ((".lora_A.", 1, 0), (".lora_B.", 0, 1)):
+            if marker in name:
+                module_name = name.split(marker)[0]
+                if module_name not in modules:
+                    raise mismatch(f"it adapts module `{module_name}`, which this base does not have")
+                in_out = _module_in_out(modules[module_name])
+                if in_out is not None and int(shape[dim]) != in_out[which]:
+                    side = "in_features" if which == 0 else "out_features"
+                    raise mismatch(
+                        f"`{module_name}` has {side}={in_out[which]} here but {int(shape[dim])} in the adapter"
+                    )
+                break
+        else:
+            if ".lora_" in name or "lora_magnitude" in name:
+                continue  # other LoRA extras (biases, DoRA magnitudes): shapes follow the checked A/B
+            # a fully trained module (modules_to_save: embeddings, norms) saved under the base's parameter name
+            if name not in params:
+                raise mismatch(f"it holds a full copy of `{name}`, which this base does not have")
+            if tuple(params[name].shape) != tuple(shape):
+                here = tuple(params[name].shape)
+                raise mismatch(f"`{name}` has shape {here} here but {tuple(shape)} in the adapter")
+
+
+def load_adapter(
+    adapter: Union[str, os.PathLike],
+    base: Union[str, os.PathLike, nn.Module, None] = None,
+    *,
+    revision: Optional[str] = None,
+    token: Union[str, bool, None] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+    allow_pickle: bool = False,
+    is_trainable: bool = False,
+    **base_kwargs: Any,
+):
+    """Load a PI (or any peft) adapter safely: ``PeftModel`` on ``base`` after the checks of this module.
+
+    Args:
+        adapter: a local adapter folder or a Hub repo id (same code path).
+        base: the base model (a loaded model, a folder or a Hub id); defaults to the adapter's
+            ``base_model_name_or_path``.
+        revision: Hub revision of the adapter (branch, tag or commit).
+        token: Hub token; defaults to the usual places (``HF_TOKEN``, ``hf auth login``).
+        dtype: dtype to load the base in (e.g. ``torch.bfloat16``).
+        allow_pickle: allow a pickle ``adapter_model.bin`` (unpickling can run arbitrary code).
+        is_trainable: load the adapter for further training.
+        **base_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` for the base (e.g. ``device_map``).
+    """
+    from peft import PeftModel
+
+    path = resolve_adapter_dir(adapter, revision=revision, token=token)
+    config = check_adapter_dir(path, allow_pickle=allow_pickle)
+    if not isinstance(base, nn.Module):
+        base = load_base_model(base or config.get("base_model_name_or_path"), dtype=dtype, **base_kwargs)
+    check_base_compatible(adapter_tensor_shapes(path, allow_pickle=allow_pickle), base, config)
+    return PeftModel.from_pretrained(base, str(path), is_trainable=is_trainable)
+
+
+def load_base_model(base: Union[str, os.PathLike, None], *, dtype=None, **kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained(base)``, with a clear error when the adapter does not name its base."""
+    from transformers import AutoModelForCausalLM
+
+    if not base:
+        raise ValueError(
+            "The adapter does not record its base model (`base_model_name_or_path` is empty in adapter_config.json); "
+            "pass it explicitly with `base=` (CLI: `--base`)."
+        )
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return AutoModelForCausalLM.from_pretrained(str(base), **kwargs).eval()
