@@ -1,5 +1,3 @@
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -149,7 +147,7 @@ class PIConfig(LoraConfig):
         if self.original_context_length is not None:
             self.resolve_context(self.original_context_length)
 
-    def resolve_context(self, original_context_length: int) -> PIConfig:
+    def resolve_context(self, original_context_length: int) -> "PIConfig":
         """Fill in `original_context_length`, `scaling_factor` and `context_length` from the base window L."""
         length = self.original_context_length or original_context_length
         if self.context_length is not None and self.context_length <= length:
@@ -173,4 +171,6 @@ class PIConfig(LoraConfig):
     @property
     def rope_extra_parameters(self) -> dict[str, Any]:
         """The type-specific `rope_parameters` keys that were set (e.g. `beta_fast` for yarn)."""
-        return {k: getattr(self, k) for k in ROPE_TYPE_EXTRA_PARAMETERS[self.rope_type] if getattr(self, k) is not None}
+        return {
+            k: getattr(self, k) for k in ROPE_TYPE_EXTRA_PARAMETERS[self.rope_type] if getattr(self, k) is not None
+        }

@@ -64,8 +64,8 @@ class PIModel(LoraModel):
             peft_config.base_rope_parameters = copy.deepcopy(base_params)
         elif not _params_equal(peft_config.base_rope_parameters, base_params):
             raise ValueError(
-                f"This PI adapter was trained on a base model with `rope_parameters`={peft_config.base_rope_parameters}"
-                f", but the model it is being applied to has {base_params}. Applying it would scale RoPE twice or "
+                "This PI adapter was trained on a base model with "
+                f"`rope_parameters`={peft_config.base_rope_parameters}, but the model it is being applied to has {base_params}. Applying it would scale RoPE twice or "
                 "not at all. Load the adapter onto the original base model (not a merged or already extended one)."
             )
         peft_config.resolve_context(base_window)

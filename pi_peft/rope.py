@@ -149,15 +149,21 @@ def set_rope_parameters(model: nn.Module, rope_parameters: dict, max_position_em
     so a 4-bit base is handled the same way.
     """
     rotaries, config = _rotary_config(model)
+    previous = (config.rope_parameters, config.max_position_embeddings)
     config.rope_parameters = copy.deepcopy(rope_parameters)
     config.max_position_embeddings = int(max_position_embeddings)
-    if hasattr(config, "standardize_rope_params"):
-        config.standardize_rope_params()
-    if hasattr(config, "validate_rope"):
-        try:
+    try:
+        if hasattr(config, "standardize_rope_params"):
+            config.standardize_rope_params()
+        if hasattr(config, "validate_rope"):
             config.validate_rope()
-        except KeyError as exc:  # transformers raises KeyError for missing keys
-            raise ValueError(f"Invalid `rope_parameters` {rope_parameters}: {exc}") from exc
+    except (KeyError, ValueError) as exc:  # transformers raises both; leave the model as it was
+        config.rope_parameters, config.max_position_embeddings = previous
+        raise ValueError(
+            f"The {config.model_type!r} config refuses `rope_parameters`={rope_parameters}: {exc}. This model family "
+            "does not support this RoPE scaling in transformers (e.g. Phi-3 accepts only 'longrope'); pick a "
+            "`rope_type` its config accepts, or a Llama/Mistral/Qwen2-style model."
+        ) from exc
     for _, module in rotaries:
         _rebuild_rotary(module)
     # nanoGPT-style invariant: every rotary module now reads the config we just wrote.

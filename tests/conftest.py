@@ -34,3 +34,12 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     save_tiny_checkpoint(path, "llama")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (one token per digit) trained on a few sentences; ~300 tokens."""
+    from pi_peft.tiny import train_tokenizer
+
+    text = "The grass is green. The sky is blue. The sun is yellow. The pass key is 12345. Remember it. " * 20
+    return train_tokenizer([text], vocab_size=300)

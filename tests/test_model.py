@@ -1,0 +1,222 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from pi_peft import PIConfig, PIModel
+from pi_peft.tiny import TINY_DIMS, tiny_model
+
+L = 64
+
+
+def pi_model(base, **kwargs):
+    """A PI model whose LoRA weights are random (B != 0), so the adapter changes outputs."""
+    kwargs = {"scaling_factor": 4.0, "target_modules": "all-linear", "init_lora_weights": False, **kwargs}
+    return get_peft_model(base, PIConfig(**kwargs))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def run_fresh_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_get_peft_model_gives_a_pi_model(base):
+    model = pi_model(base)
+    assert isinstance(model.base_model, PIModel)
+    assert model.peft_type == "PI"
+    assert model.config.rope_parameters["factor"] == 4.0 and model.config.max_position_embeddings == 4 * L
+    assert model.peft_config["default"].base_rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def test_disable_adapter_and_unload_equal_the_untouched_base(long_input):
+    reference = logits(tiny_model("llama"), long_input)
+    model = pi_model(tiny_model("llama"))
+    adapted = logits(model, long_input)
+    assert not torch.allclose(adapted, reference, atol=1e-4)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, long_input), reference)
+        assert model.config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+        assert model.config.max_position_embeddings == L
+    assert torch.equal(logits(model, long_input), adapted)  # RoPE is back on after the context
+    unloaded = model.unload()
+    assert type(unloaded).__name__ == "LlamaForCausalLM"
+    assert unloaded.config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+    assert torch.equal(logits(unloaded, long_input), reference)
+
+
+def test_merge_unmerge_and_merge_and_unload(long_input, tmp_path):
+    model = pi_model(tiny_model("llama"), train_norms=True)
+    adapted = logits(model, long_input)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, long_input), adapted, atol=1e-4, rtol=1e-4)
+    model.unmerge_adapter()
+    torch.testing.assert_close(logits(model, long_input), adapted, atol=1e-5, rtol=1e-5)
+    merged = model.merge_and_unload()
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert merged.config.rope_parameters == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    assert merged.config.max_position_embeddings == 4 * L
+    merged_logits = logits(merged, long_input)
+    torch.testing.assert_close(merged_logits, adapted, atol=1e-4, rtol=1e-4)
+
+    merged.save_pretrained(tmp_path / "merged")
+    torch.save(long_input, tmp_path / "ids.pt")
+    torch.save(merged_logits, tmp_path / "expected.pt")
+    code, out = run_fresh_python(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r}).eval()
+        assert "pi_peft" not in sys.modules and "peft" not in sys.modules
+        with torch.no_grad():
+            got = model(torch.load({str(tmp_path / "ids.pt")!r}), use_cache=False).logits
+        print("MAXDIFF", (got - torch.load({str(tmp_path / "expected.pt")!r})).abs().max().item())
+    """)
+    assert code == 0, out
+    assert float(out.split("MAXDIFF")[1].split()[0]) <= 1e-5
+
+
+def test_save_load_roundtrip_in_process_and_fresh_process(long_input, tiny_checkpoint, tmp_path):
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    model = pi_model(base, train_embeddings=True, train_norms=True)
+    expected = logits(model, long_input)
+    model.save_pretrained(tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert "adapter_model.safetensors" in files and "adapter_model.bin" not in files
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "PI"
+    assert (saved["scaling_factor"], saved["context_length"], saved["original_context_length"]) == (4.0, 256, 64)
+    assert saved["base_model_name_or_path"] == tiny_checkpoint
+    assert {"embed_tokens", "norm", "input_layernorm"} <= set(saved["modules_to_save"])
+
+    assert type(PeftConfig.from_pretrained(tmp_path / "adapter")) is PIConfig
+    torch.manual_seed(123)  # reseeding must not matter: everything comes from the files
+    fresh_base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    assert fresh_base.config.rope_parameters["rope_type"] == "default"
+    loaded = PeftModel.from_pretrained(fresh_base, tmp_path / "adapter")
+    assert loaded.config.rope_parameters["factor"] == 4.0
+    assert torch.equal(logits(loaded, long_input), expected)
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert isinstance(auto.base_model, PIModel)
+    assert torch.equal(logits(auto.eval(), long_input), expected)
+
+    torch.save(long_input, tmp_path / "ids.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    code, out = run_fresh_python(f"""
+        import torch, pi_peft
+        from peft import AutoPeftModelForCausalLM
+        model = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r}).eval()
+        with torch.no_grad():
+            got = model(torch.load({str(tmp_path / "ids.pt")!r}), use_cache=False).logits
+        print("MAXDIFF", (got - torch.load({str(tmp_path / "expected.pt")!r})).abs().max().item())
+    """)
+    assert code == 0, out
+    assert float(out.split("MAXDIFF")[1].split()[0]) == 0.0
+
+
+def test_fresh_process_without_pi_peft_fails_loudly(base, tmp_path):
+    pi_model(base).save_pretrained(tmp_path / "adapter")
+    for loader in (
+        "PeftConfig.from_pretrained(path)",
+        "AutoPeftModelForCausalLM.from_pretrained(path)",
+        "PeftModel.from_pretrained(base, path)",
+    ):
+        code, out = run_fresh_python(f"""
+            import sys
+            from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel
+            from transformers import LlamaConfig, LlamaForCausalLM
+            base = LlamaForCausalLM(LlamaConfig(**{TINY_DIMS!r}))
+            path = {str(tmp_path / "adapter")!r}
+            assert not any(m.startswith("pi_peft") for m in sys.modules)
+            {loader}
+            print("LOADED WITHOUT PI")
+        """)
+        assert code != 0, out
+        assert "LOADED WITHOUT PI" not in out
+        assert "KeyError: 'PI'" in out, out
+
+
+def test_adapter_onto_an_already_extended_base_is_refused(long_input, tmp_path):
+    model = pi_model(tiny_model("llama"))
+    model.save_pretrained(tmp_path / "adapter")
+    merged = model.merge_and_unload()
+    with pytest.raises(ValueError, match=r"trained on a base model with `rope_parameters`=.*'default'.*'linear'"):
+        PeftModel.from_pretrained(merged, tmp_path / "adapter")
+
+
+def test_only_adapter_embedding_and_norm_parameters_train(long_input):
+    for switches, extra in [({}, ()), ({"train_embeddings": True, "train_norms": True}, ("embed_tokens", "norm"))]:
+        model = pi_model(tiny_model("llama"), **switches)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        for _ in range(3):
+            loss = model(long_input, labels=long_input, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert changed, "nothing trained"
+        for name in changed:
+            assert "lora_" in name or any(f"{e}.modules_to_save" in name or f"{e}." in name for e in extra), name
+            assert "base_layer" not in name and "original_module" not in name, name
+        if extra:
+            assert any("embed_tokens.modules_to_save" in n for n in changed)
+            assert any("layernorm.modules_to_save" in n for n in changed)
+            assert any(n.endswith("model.norm.modules_to_save.default.weight") for n in changed)
+
+
+def test_two_adapters_switch_rope(long_input):
+    model = pi_model(tiny_model("llama"))
+    model.add_adapter("eight", PIConfig(scaling_factor=8.0, target_modules="all-linear"))
+    assert model.config.rope_parameters["factor"] == 4.0  # adding does not activate
+    model.set_adapter("eight")
+    assert model.config.rope_parameters["factor"] == 8.0 and model.config.max_position_embeddings == 8 * L
+    model.set_adapter("default")
+    assert model.config.rope_parameters["factor"] == 4.0
+    model.delete_adapter("default")
+    assert model.config.rope_parameters["factor"] == 8.0
+
+
+def test_sft_trainer_with_pi_config(tmp_path, tiny_tokenizer):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    vocab = len(tiny_tokenizer)
+    ids = torch.randint(3, vocab, (8, 3 * L)).tolist()
+    dataset = Dataset.from_dict({"input_ids": ids})
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        bf16=False,
+        max_length=3 * L,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+    )
+    trainer = SFTTrainer(
+        model=tiny_model("llama", vocab_size=vocab),
+        args=args,
+        processing_class=tiny_tokenizer,
+        train_dataset=dataset,
+        peft_config=PIConfig(context_length=4 * L, target_modules="all-linear", train_norms=True),
+    )
+    assert isinstance(trainer.model.base_model, PIModel)
+    assert trainer.model.config.rope_parameters["factor"] == 4.0
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+    trainer.save_model(str(tmp_path / "final"))
+    assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["peft_type"] == "PI"
