@@ -65,8 +65,9 @@ class PIModel(LoraModel):
         elif not _params_equal(peft_config.base_rope_parameters, base_params):
             raise ValueError(
                 "This PI adapter was trained on a base model with "
-                f"`rope_parameters`={peft_config.base_rope_parameters}, but the model it is being applied to has {base_params}. Applying it would scale RoPE twice or "
-                "not at all. Load the adapter onto the original base model (not a merged or already extended one)."
+                f"`rope_parameters`={peft_config.base_rope_parameters}, but the model it is being applied to has "
+                f"{base_params}. Applying it would scale RoPE twice or not at all. "
+                "Load the adapter onto the original base model (not a merged or already extended one)."
             )
         peft_config.resolve_context(base_window)
         peft_config.modules_to_save = self._pi_modules_to_save(peft_config, model)
