@@ -21,6 +21,7 @@ EVAL_PLOTS = ("passkey.png", "ppl.png")
 EVAL_DIR_IN_REPO = "eval"
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted `--max-lora-rank` values (default 16)
 
+METHOD_TEXT = {True: "QLoRA (4-bit base, bitsandbytes)", False: "LoRA (unquantised base)", None: "LoRA"}
 PI_TAGS = ("pi-peft", "position-interpolation", "long-context")
 
 
@@ -169,9 +170,11 @@ def _target_modules_text(value: Any) -> str:
     return ", ".join(f"`{n}`" for n in names) or "none"
 
 
-def _training_rows(config: Mapping[str, Any], quantized: bool, training: Mapping[str, Any]) -> list[tuple[str, Any]]:
+def _training_rows(
+    config: Mapping[str, Any], quantized: Optional[bool], training: Mapping[str, Any]
+) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = [
-        ("method", "QLoRA (4-bit base, bitsandbytes)" if quantized else "LoRA (16-bit base)"),
+        ("method", METHOD_TEXT[quantized]),
         ("LoRA rank `r` / `lora_alpha` / dropout", f"{config.get('r')} / {config.get('lora_alpha')} / "
          f"{config.get('lora_dropout')}"),
         ("LoRA target modules", _target_modules_text(config.get("target_modules"))),
@@ -193,7 +196,7 @@ def card_text(
     *,
     repo_id: str,
     base_model: Optional[str],
-    quantized: bool = False,
+    quantized: Optional[bool] = None,
     training: Optional[Mapping[str, Any]] = None,
     eval_dir: Optional[Path] = None,
 ) -> str:
@@ -273,7 +276,7 @@ def card_text(
             parts += [f"### {title}", table]
         parts += [f"![{p.stem}]({EVAL_DIR_IN_REPO}/{p.name})" for p in plots]
     parts += [
-        "## Framework versions",
+        "## Framework versions (at upload)",
         "\n".join(f"- {pkg} {ver}" for pkg, ver in _versions(__version__)),
     ]
     return "\n\n".join(parts) + "\n"
@@ -298,11 +301,15 @@ def build_model_card(
     repo_id: str,
     base_model: Optional[str] = None,
     license: Optional[str] = None,
-    quantized: bool = False,
+    quantized: Optional[bool] = None,
     training: Optional[Mapping[str, Any]] = None,
     eval_dir: Optional[Path] = None,
 ):
-    """A ``huggingface_hub.ModelCard`` for a PI adapter (YAML metadata + body)."""
+    """A ``huggingface_hub.ModelCard`` for a PI adapter (YAML metadata + body).
+
+    ``quantized``: ``True`` for QLoRA (4-bit base), ``False`` for a 16-bit base, ``None`` when not recorded (the card
+    then says only "LoRA").
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     base_model = base_model or config.get("base_model_name_or_path") or None

@@ -121,7 +121,8 @@ def push_adapter(
         private, revision, commit_message, commit_description, create_pr, token: as in ``huggingface_hub``.
             ``revision`` is a branch, created from main when missing.
         license: the card's license; defaults to the base model card's license when it can be read.
-        quantized: whether the adapter was trained on a 4/8-bit base (QLoRA); read from a model, else ``False``.
+        quantized: whether the adapter was trained on a 4/8-bit base (QLoRA); read from a model, unknown (``None``)
+            for a folder unless given.
         base_model: the base model id for the card; defaults to the adapter's ``base_model_name_or_path``.
         tags: extra tags for the card.
         adapter_name: which adapter of a multi-adapter model (default: the active one).
@@ -156,7 +157,7 @@ def push_adapter(
             repo_id=repo_id,
             base_model=base_model,
             license=license or base_model_license(base_model, token=token),
-            quantized=bool(quantized),
+            quantized=quantized,
             training=training,
             eval_dir=eval_dir,
         )

@@ -123,7 +123,7 @@ def test_card_body(share, online):
     assert "pi-peft export merged me/tiny-pi" in text and "pi-peft export lora me/tiny-pi" in text
     assert f"--max-model-len {4 * L}" in text and "--rope-scaling linear --rope-scale 4" in text
     assert "| optimizer steps | 1000 |" in text and "| final training loss | 1.75 |" in text
-    assert "LoRA (16-bit base)" in text
+    assert "| method | LoRA |" in text  # a folder does not record whether the base was 4-bit
     assert PASSKEY_MD in text and PPL_MD in text
     assert "![passkey](eval/passkey.png)" in text and "![ppl](eval/ppl.png)" in text
 
@@ -136,7 +136,7 @@ def test_model_push_to_hub_uploads_generated_card(share, online):
     assert [c[0] for c in online.calls] == ["create_repo", "create_commit"]  # no branch creation for refs/pr
     card = online.card()
     assert "pi-peft" in card.data.tags and "lora" in card.data.tags
-    assert "## Context extension" in card.text
+    assert "## Context extension" in card.text and "| method | LoRA (unquantised base) |" in card.text
 
 
 def test_qlora_model_is_tagged_qlora(share, online):
