@@ -1,0 +1,432 @@
+"""`pi-peft estimate`: peak GPU memory of a PI (Q)LoRA training step, from the model config alone (no weights).
+
+The formula (bytes; B = batch size, T = context length, a = bytes of an activation element: 2 for bf16, 4 for fp32;
+h, i, kv = hidden, intermediate and key/value width; n = layers; V = vocabulary):
+
+    weights      = P_linear * w_q + (P_embed + P_head + P_norm) * a
+                   w_q = 0.5 + 1/64 + 4/(64*256) bytes/param for NF4 with double quantisation (4-bit codes, an 8-bit
+                   absmax per 64-block, an fp32 absmax per 256 absmaxes), 0.5 + 4/64 without it, `a` unquantised.
+    trainable    = P_train * (p + p + 2 * p)      parameter + gradient + AdamW's two moments, p bytes each
+                   P_train = LoRA r*(in+out) per target linear + V*h (train_embeddings) + norms (train_norms);
+                   p = 2 for QLoRA (trl casts the trainable parameters of a k-bit model to bf16), else 4 for LoRA
+                   (peft keeps adapters in fp32) and `a` for the full embedding/norm copies.
+    activations  = B*T*a * (n*h                    one checkpointed input per decoder layer
+                            + 10*h + 4*kv + 4*i    one layer recomputed for its backward (norms, q/k/v, attention
+                                                   output, o_proj, residual, gate/up/act/product, down)
+                            + 4*h)                 gradients flowing through that layer
+                   + B*H*T^2*(a+4)  only for `attention="eager"` (scores and fp32 softmax); SDPA/FlashAttention are
+                   O(T) in memory.
+    logits/loss  = fused (trl's chunked LM head, used by SFTTrainer): one min(B*T, 4096) x min(V, 32768) tile in `a`
+                   bytes + its fp32 gradient tile, + B*T*h*4 for the fp32 hidden-state gradient;
+                   chunked (`loss="chunked"`, pi_peft.memory's own): c x V x (4 + 4 + 4) for one chunk of c rows
+                   (fp32 logits, log-softmax, gradient) + B*T*h*4;
+                   full (`loss="full"`): B*T*V*(a + 4 + 4), the logits, their fp32 copy and its gradient.
+    overhead     = 1 GiB on CUDA (context, cuBLAS workspace, allocator fragmentation), 0 on CPU.
+
+`max_context` is the largest multiple of 256 tokens whose total fits the GPU. The formula was checked against peak
+RSS of one CPU training step of tiny configs in a subprocess (`tests/test_estimate.py`, `recipes/README.md`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+GIB = 1024**3
+QUANTIZATIONS = ("nf4", "none")
+ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
+LOSSES = ("fused", "chunked", "full")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # "all-linear" on a Llama-style decoder
+TRL_TILE_TOKENS, TRL_TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob tile shape
+CUDA_OVERHEAD = 1 * GIB
+
+# Architecture numbers of the models the shipped recipes use (their public config.json), for offline estimates.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "meta-llama/Llama-2-7b-hf": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    ),  # fmt: skip
+    "meta-llama/Meta-Llama-3-8B": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    ),  # fmt: skip
+    "mistralai/Mistral-7B-v0.1": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+    ),  # fmt: skip
+}
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated peak memory of one training step, per component, in bytes (see the module docstring)."""
+
+    weights: int
+    trainable: int
+    activations: int
+    logits: int
+    overhead: int
+    context_length: int
+    batch_size: int
+    quantization: str
+    r: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trainable + self.activations + self.logits + self.overhead
+
+    def fits(self, gpu_gb: float = 24.0) -> bool:
+        return self.total <= gpu_gb * GIB
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total}
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    return config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
+
+
+def load_model_config(model: str) -> dict[str, Any]:
+    """Architecture numbers of `model`: a known recipe model id, a local `config.json` or model directory, or a Hub
+    id (downloads `config.json` only)."""
+    if model in KNOWN_CONFIGS:
+        return dict(KNOWN_CONFIGS[model])
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model).to_dict()
+    except OSError as e:
+        raise ValueError(
+            f"`model`={model!r} is neither a local config.json / model directory nor a reachable Hub id ({e}). "
+            "Pass the path of its config.json."
+        ) from e
+
+
+def _shapes(config: Any) -> dict[str, int]:
+    text = config.get("text_config", config) if isinstance(config, dict) else config
+    h = _get(text, "hidden_size")
+    heads = _get(text, "num_attention_heads")
+    if h is None or heads is None:
+        raise ValueError(f"`model_config` needs `hidden_size` and `num_attention_heads`, got {config!r:.200}.")
+    head_dim = _get(text, "head_dim") or h // heads
+    return dict(
+        h=h,
+        i=_get(text, "intermediate_size") or 4 * h,
+        n=_get(text, "num_hidden_layers"),
+        heads=heads,
+        q=heads * head_dim,
+        kv=(_get(text, "num_key_value_heads") or heads) * head_dim,
+        V=_get(text, "vocab_size"),
+        tied=bool(_get(text, "tie_word_embeddings", False)),
+    )
+
+
+def _linear_shapes(s: dict[str, int]) -> dict[str, tuple[int, int]]:
+    # (in, out) of each linear in one decoder layer
+    h, i, q, kv = s["h"], s["i"], s["q"], s["kv"]
+    return dict(q=(h, q), k=(h, kv), v=(h, kv), o=(q, h), gate=(h, i), up=(h, i), down=(i, h))
+
+
+def estimate_memory(
+    model_config: Any,
+    context_length: int,
+    *,
+    quantization: str = "nf4",
+    r: int = 16,
+    batch_size: int = 1,
+    gradient_checkpointing: bool = True,
+    train_embeddings: bool = True,
+    train_norms: bool = True,
+    double_quant: bool = True,
+    dtype_bytes: int = 2,
+    attention: str = "sdpa",
+    loss: str = "fused",
+    loss_chunk_tokens: int = 4096,
+    device: str = "cuda",
+) -> MemoryEstimate:
+    """Estimate the peak memory of one (Q)LoRA training step at `context_length` tokens (module docstring formula).
+
+    Args:
+        model_config: a transformers config, its dict, or a path / model id for [`load_model_config`].
+        context_length (`int`): tokens per sequence T.
+        quantization (`str`): `"nf4"` (QLoRA) or `"none"` (LoRA on a `dtype_bytes` base).
+        r (`int`): LoRA rank on all linear layers.
+        batch_size (`int`): sequences per step B.
+        gradient_checkpointing (`bool`): without it every layer keeps its full activations.
+        dtype_bytes (`int`): bytes of an activation / unquantised weight (2 = bf16, 4 = fp32 as in CPU tests).
+        attention (`str`): `"sdpa"`, `"flash_attention_2"` (both O(T)) or `"eager"` (O(T^2)).
+        loss (`str`): `"fused"` (SFTTrainer's chunked LM head), `"chunked"` (`pi_peft.memory`'s own chunked loss
+            with `loss_chunk_tokens` rows per chunk) or `"full"` (materialised logits).
+        device (`str`): `"cuda"` adds the CUDA overhead, `"cpu"` does not.
+    """
+    if isinstance(model_config, str):
+        model_config = load_model_config(model_config)
+    for name, value, allowed in (
+        ("quantization", quantization, QUANTIZATIONS),
+        ("attention", attention, ATTENTIONS),
+        ("loss", loss, LOSSES),
+    ):
+        if value not in allowed:
+            raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+    for name, value in (("context_length", context_length), ("r", r), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    s = _shapes(model_config)
+    h, i, n, kv, V, a = s["h"], s["i"], s["n"], s["kv"], s["V"], dtype_bytes
+    B, T = batch_size, context_length
+    linears = _linear_shapes(s)
+
+    # weights
+    p_linear = n * sum(fan_in * fan_out for fan_in, fan_out in linears.values())
+    p_norm = (2 * n + 1) * h
+    p_other = V * h * (1 if s["tied"] else 2) + p_norm
+    if quantization == "nf4":
+        w_q = 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
+    else:
+        w_q = a
+    weights = int(p_linear * w_q + p_other * a)
+
+    # LoRA + full copies + gradients + AdamW moments
+    p_lora = n * sum(r * (fan_in + fan_out) for fan_in, fan_out in linears.values())
+    p_full = (V * h if train_embeddings else 0) + (p_norm if train_norms else 0)
+    lora_bytes = 2 if quantization == "nf4" else 4
+    full_bytes = 2 if quantization == "nf4" else a
+    trainable = 4 * (p_lora * lora_bytes + p_full * full_bytes)
+
+    # activations
+    one_layer = 10 * h + 4 * kv + 4 * i + 4 * h
+    per_token = (n * h + one_layer) if gradient_checkpointing else n * (10 * h + 4 * kv + 4 * i) + 4 * h
+    activations = B * T * a * per_token
+    if attention == "eager":
+        activations += B * s["heads"] * T * T * (a + 4) * (1 if gradient_checkpointing else n)
+
+    # logits / loss
+    N = B * T
+    if loss == "fused":
+        tile = min(N, TRL_TILE_TOKENS) * min(V, TRL_TILE_VOCAB)
+        logits = tile * (a + 4) + N * h * 4
+    elif loss == "chunked":
+        logits = min(N, loss_chunk_tokens) * V * (4 + 4 + 4) + N * h * 4
+    else:
+        logits = N * V * (a + 4 + 4)
+
+    overhead = CUDA_OVERHEAD if device == "cuda" else 0
+    return MemoryEstimate(
+        weights=weights,
+        trainable=int(trainable),
+        activations=int(activations),
+        logits=int(logits),
+        overhead=overhead,
+        context_length=T,
+        batch_size=B,
+        quantization=quantization,
+        r=r,
+    )
+
+
+def max_context(model_config: Any, gpu_gb: float = 24.0, *, multiple_of: int = 256, **kwargs) -> int:
+    """The largest context length (a multiple of `multiple_of`) whose [`estimate_memory`] fits in `gpu_gb` GiB;
+    0 when not even `multiple_of` tokens fit. `kwargs` go to [`estimate_memory`]."""
+    if isinstance(model_config, str):
+        model_config = load_model_config(model_config)
+    budget = gpu_gb * GIB
+
+    def fits(k: int) -> bool:
+        return estimate_memory(model_config, k * multiple_of, **kwargs).total <= budget
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):  # the total grows with T, so double then bisect
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * multiple_of
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def format_estimate(est: MemoryEstimate, gpu_gb: float = 24.0, largest: Optional[int] = None) -> str:
+    """A human-readable breakdown and verdict."""
+    rows = [
+        ("weights", est.weights),
+        (f"LoRA r={est.r} (+ embeddings/norms) params + grads + AdamW", est.trainable),
+        ("activations (gradient checkpointing)", est.activations),
+        ("logits / loss", est.logits),
+        ("CUDA context + allocator", est.overhead),
+        ("total", est.total),
+    ]
+    lines = [f"context {est.context_length}, batch {est.batch_size}, quantization {est.quantization}"]
+    lines += [f"  {name:<58} {_gib(value):>8} GiB" for name, value in rows]
+    verdict = "fits" if est.fits(gpu_gb) else "does NOT fit"
+    lines.append(f"  -> {verdict} in {gpu_gb:g} GiB")
+    if largest is not None:
+        lines.append(f"  largest context that fits in {gpu_gb:g} GiB: {largest} tokens")
+    return "\n".join(lines)
+
+
+def recipe_row(path: str, gpu_gb: float = 24.0) -> dict[str, Any]:
+    """Estimate for a recipe YAML (`model_name_or_path`, `context_length`, `load_in_4bit`, `lora_r`, ...)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        recipe = yaml.safe_load(f)
+    kwargs = dict(
+        quantization="nf4" if recipe.get("load_in_4bit") else "none",
+        r=int(recipe.get("lora_r", 16)),
+        batch_size=int(recipe.get("per_device_train_batch_size", 1)),
+        train_embeddings=bool(recipe.get("train_embeddings", True)),
+        train_norms=bool(recipe.get("train_norms", True)),
+    )
+    config = load_model_config(recipe["model_name_or_path"])
+    est = estimate_memory(config, int(recipe["context_length"]), **kwargs)
+    return dict(recipe=os.path.basename(path), model=recipe["model_name_or_path"], estimate=est,
+                max_context=max_context(config, gpu_gb, **kwargs))  # fmt: skip
+
+
+def recipes_table(paths: list[str], gpu_gb: float = 24.0) -> str:
+    """A markdown table of the estimates of recipe YAMLs."""
+    head = "| recipe | model | context | weights | LoRA+optim | activations | logits | overhead | total (GiB) "
+    head += "| max context |"
+    lines = [head, "|" + "---|" * 10]
+    for path in paths:
+        row = recipe_row(path, gpu_gb)
+        e = row["estimate"]
+        cells = [row["recipe"], row["model"], str(e.context_length)]
+        cells += [_gib(x) for x in (e.weights, e.trainable, e.activations, e.logits, e.overhead, e.total)]
+        cells.append(str(row["max_context"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pi-peft estimate", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", help="model id, local model dir or config.json")
+    p.add_argument("--context-length", type=int, help="target context T in tokens")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory in GiB (default 24)")
+    p.add_argument("--no-train-embeddings", action="store_true")
+    p.add_argument("--no-train-norms", action="store_true")
+    p.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
+    p.add_argument("--loss", choices=LOSSES, default="fused")
+    p.add_argument("--recipes", nargs="+", metavar="YAML", help="print a markdown table for these recipe files")
+    p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
+    return p
+
+
+def cli_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.recipes:
+        print(recipes_table(args.recipes, args.gpu_gb))
+        return 0
+    if args.model is None or args.context_length is None:
+        _parser().error("give a MODEL and `--context-length` (or `--recipes YAML ...`)")
+    kwargs = dict(
+        quantization=args.quantization,
+        r=args.r,
+        batch_size=args.batch_size,
+        train_embeddings=not args.no_train_embeddings,
+        train_norms=not args.no_train_norms,
+        attention=args.attention,
+        loss=args.loss,
+    )
+    config = load_model_config(args.model)
+    est = estimate_memory(config, args.context_length, **kwargs)
+    largest = max_context(config, args.gpu_gb, **kwargs)
+    if args.json:
+        print(json.dumps({**est.as_dict(), "gpu_gb": args.gpu_gb, "max_context": largest}, indent=2))
+    else:
+        print(format_estimate(est, args.gpu_gb, largest))
+    return 0
+
+
+# ---- measurement (CPU, peak RSS of a subprocess) ----------------------------------------------------------------
+_WORKER = r"""
+import json, resource, sys
+spec = json.loads(sys.argv[1])
+import torch
+import pi_peft
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+from pi_peft.memory import apply_memory_savers, fused_causal_lm_loss
+torch.set_num_threads(spec["threads"])
+def rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+baseline = rss()
+torch.manual_seed(0)
+config = LlamaConfig(**spec["config"])
+model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+pi = pi_peft.PIConfig(scaling_factor=spec["context_length"] / config.max_position_embeddings, r=spec["r"],
+                      target_modules="all-linear", train_embeddings=True, train_norms=True, lora_dropout=0.0)
+model = apply_memory_savers(get_peft_model(model, pi).train())
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+ids = torch.randint(0, config.vocab_size, (spec["batch_size"], spec["context_length"]))
+for _ in range(2):
+    loss = fused_causal_lm_loss(model, ids, backend="chunked", chunk_tokens=spec["chunk_tokens"])
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+print(json.dumps({"baseline": baseline, "peak": rss()}))
+"""
+
+
+def measure_cpu_peak(
+    config: dict[str, Any],
+    context_length: int,
+    *,
+    r: int = 8,
+    batch_size: int = 1,
+    chunk_tokens: int = 1024,
+    threads: int = 1,
+) -> int:
+    """Measured peak memory (bytes) of fp32 LoRA training steps of a Llama `config` on CPU: the peak RSS of a fresh
+    subprocess minus its RSS after the imports. The run mirrors [`estimate_memory`] with `quantization="none"`,
+    `dtype_bytes=4`, `device="cpu"`: PIConfig on all linear layers, trainable embeddings and norms, non-reentrant
+    checkpointing, pi_peft's chunked loss (`loss="chunked"`, `loss_chunk_tokens=chunk_tokens`), AdamW, two steps."""
+    import subprocess
+    import sys
+
+    spec = dict(config=config, context_length=context_length, r=r, batch_size=batch_size, threads=threads)
+    spec["chunk_tokens"] = chunk_tokens
+    # a fixed mmap threshold stops glibc from keeping freed tensors in its heap, so RSS follows the live tensors
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(
+        [sys.executable, "-c", _WORKER, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+        env=env,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return int(result["peak"] - result["baseline"])
