@@ -119,6 +119,11 @@ def llama_cpp_rope_flags(ext: Extension) -> Optional[str]:
 
 
 def llama_cpp_unsupported_note(ext: Extension) -> str:
+    if ext.rope_type == "dynamic":
+        return (
+            "llama.cpp does not implement dynamic NTK scaling (`rope_type='dynamic'`), not even for a converted"
+            " merged model: serve this adapter with vLLM or transformers."
+        )
     return (
         f"llama.cpp has no runtime flag for `rope_type={ext.rope_type!r}`: serve the merged model instead "
         "(`pi-peft export merged`, then llama.cpp's `convert_hf_to_gguf.py`)."

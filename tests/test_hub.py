@@ -7,7 +7,7 @@ from _share_helpers import BASE_LICENSE, L, load_base, make_adapter, make_base
 from huggingface_hub import HfApi, ModelCard, constants
 
 import pi_peft.hub as hub
-from pi_peft.card import extension_of, llama_cpp_rope_flags
+from pi_peft.card import extension_of, llama_cpp_rope_flags, llama_cpp_unsupported_note
 
 TOKEN = "hf_pipeftTestSentinelToken0123456789"
 PASSKEY_MD = "| length | accuracy |\n|---|---|\n| 64 | 1.00 |\n| 256 | 0.80 |"
@@ -223,6 +223,8 @@ def test_llama_cpp_flags(rope_type, extra, expected):
         **extra,
     }
     flags = llama_cpp_rope_flags(extension_of(config))
+    if expected is None:
+        assert "does not implement dynamic NTK" in llama_cpp_unsupported_note(extension_of(config))
     assert flags == expected if expected is None else flags.startswith(expected)
 
 
