@@ -3,8 +3,8 @@
 Every window holds exactly ``context_length`` tokens. The first window of a document scores all of its tokens
 but the first; with a ``stride`` S each later window moves S tokens on and scores only its last S tokens, so that
 every scored token (after the first window) sees at least ``context_length - S`` tokens of context. ``stride=None``
-gives non-overlapping windows, each scoring all its tokens but the first. A tail shorter than the stride is dropped, so every length is measured with full
-windows.
+gives non-overlapping windows, each scoring all its tokens but the first. A tail shorter than the stride is
+dropped, so every length is measured with full windows.
 
 Memory: the model runs with ``use_cache=False`` (packed and cached paths differ) and returns only hidden states;
 the loss is computed from them ``loss_chunk_size`` positions at a time, and only at the scored positions, so fp32
