@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 
 _registration.register(PIConfig, PIModel)
 
+from . import hub  # noqa: E402,F401  (routes `PeftModel.push_to_hub` of PI models through `hub.push_to_hub`)
+
 __all__ = [
     "PIConfig",
     "PIModel",
