@@ -1,0 +1,298 @@
+"""
+Fine-tune a Position Interpolation (Q)LoRA adapter with trl's `SFTTrainer`: `pi-peft train` and `recipes/train.py`.
+
+# Llama-2-7B 4k -> 16k, QLoRA on one 24 GB GPU
+```bash
+pi-peft train --config recipes/llama2-7b-16k.yaml
+# same code: python recipes/train.py --config recipes/llama2-7b-16k.yaml
+```
+
+# Anything from the command line (every SFTConfig / ModelConfig option works)
+```bash
+pi-peft train \
+    --model_name_or_path meta-llama/Llama-2-7b-hf \
+    --dataset_name emozilla/pg19 --dataset_streaming \
+    --context_length 16384 \
+    --load_in_4bit \
+    --lora_r 16 --lora_alpha 32 \
+    --learning_rate 2e-5 --warmup_steps 20 --max_steps 1000 \
+    --output_dir llama2-7b-16k-pi
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers import TrainerCallback
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+logger = logging.getLogger("pi_peft.train")
+
+
+@dataclass
+class PIArguments:
+    """Position Interpolation and data options (the rest are trl's `ScriptArguments`, `SFTConfig`, `ModelConfig`)."""
+
+    context_length: Optional[int] = field(default=None, metadata={"help": "Target context window L' in tokens."})
+    scaling_factor: Optional[float] = field(default=None, metadata={"help": "PI factor s = L'/L (or context_length)."})
+    original_context_length: Optional[int] = field(
+        default=None, metadata={"help": "Window L of the base; defaults to its max_position_embeddings."}
+    )
+    rope_type: str = field(default="linear", metadata={"help": "linear (PI), dynamic, yarn or llama3."})
+    train_embeddings: bool = field(default=True, metadata={"help": "Train the input embeddings (LongLoRA)."})
+    train_norms: bool = field(default=True, metadata={"help": "Train the normalisation layers (LongLoRA)."})
+    data_files: Optional[list[str]] = field(default=None, metadata={"help": "Local text/JSON(L)/parquet files."})
+    data_mode: str = field(
+        default="auto", metadata={"help": "pretrain (pack documents into full windows), sft, or auto (by columns)."}
+    )
+
+
+@dataclass
+class PITrainingConfig(SFTConfig):
+    """trl's `SFTConfig` with long-context defaults: `max_length` = the target context, non-reentrant checkpointing."""
+
+    max_length: Optional[int] = field(
+        default=None, metadata={"help": "Tokens per training sequence; defaults to the target `context_length`."}
+    )
+    gradient_checkpointing_kwargs: Optional[dict] = field(
+        default_factory=lambda: {"use_reentrant": False},
+        metadata={"help": "Keyword arguments for gradient checkpointing (non-reentrant by default)."},
+    )
+    warmup_steps: float = field(default=20, metadata={"help": "Linear warm-up steps (PI paper / LongLoRA: 20)."})
+    report_to: Optional[str] = field(default="none", metadata={"help": "Loggers (wandb, tensorboard, none)."})
+
+
+@dataclass
+class PIModelConfig(ModelConfig):
+    """trl's `ModelConfig` with QLoRA defaults: NF4 with double quantisation, bf16, LoRA on all linear layers."""
+
+    dtype: Optional[str] = field(default="bfloat16", metadata={"help": "Weights / 4-bit compute dtype."})
+    use_bnb_nested_quant: bool = field(default=True, metadata={"help": "Double quantisation of the 4-bit absmax."})
+    lora_target_modules: Optional[list[str]] = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "LoRA targets (default: all linear layers)."}
+    )
+
+
+class PIProgressCallback(TrainerCallback):
+    """Adds `context_length`, `pi_factor` and `tokens_per_second` (trained tokens / wall time since the last log) to
+    every training log line, and prints the PI settings when training starts."""
+
+    def __init__(self, context_length: int, pi_factor: float, original_context_length: int, tokens_per_step: int):
+        self.context_length = context_length
+        self.pi_factor = pi_factor
+        self.original_context_length = original_context_length
+        self.tokens_per_step = tokens_per_step
+        self._last: Optional[tuple[float, float]] = None  # (time, tokens)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        logger.warning(
+            "PI: training a %d-token window (%.4gx the original %d tokens)",
+            self.context_length,
+            self.pi_factor,
+            self.original_context_length,
+        )
+        self._last = (time.perf_counter(), self._tokens(state, {}))
+
+    def _tokens(self, state, logs) -> float:
+        return float(logs.get("num_tokens", state.global_step * self.tokens_per_step))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        now, tokens = time.perf_counter(), self._tokens(state, logs)
+        extra = {"context_length": self.context_length, "pi_factor": self.pi_factor}
+        if self._last is not None and now > self._last[0]:
+            extra["tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 2)
+        self._last = (now, tokens)
+        logs.update(extra)
+        if state.log_history:
+            state.log_history[-1].update(extra)
+
+
+def make_pi_config(model_args: ModelConfig, pi_args: PIArguments, base_config):
+    """The `PIConfig` of a run: PI settings + LoRA options of `model_args`, resolved against the base config."""
+    from .config import PIConfig
+
+    targets = model_args.lora_target_modules
+    if targets is not None and list(targets) == ["all-linear"]:
+        targets = "all-linear"
+    config = PIConfig(
+        context_length=pi_args.context_length,
+        scaling_factor=pi_args.scaling_factor,
+        original_context_length=pi_args.original_context_length,
+        rope_type=pi_args.rope_type,
+        train_embeddings=pi_args.train_embeddings,
+        train_norms=pi_args.train_norms,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=model_args.lora_modules_to_save,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+    )
+    return config.resolve_context(base_config.max_position_embeddings)
+
+
+def quantization_config(model_args: ModelConfig):
+    """NF4 4-bit (double quantisation, compute in `model_args.dtype`) when `load_in_4bit`, else `None`."""
+    if model_args.load_in_8bit:
+        raise ValueError("`load_in_8bit` is not supported; use `load_in_4bit` (QLoRA NF4) or neither.")
+    if not model_args.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=getattr(torch, model_args.dtype or "bfloat16"),
+    )
+
+
+def load_base_model(model_args: ModelConfig, training_args: SFTConfig):
+    """The base causal LM: 4-bit NF4 when asked, SDPA / FlashAttention 2, bitsandbytes CPU fix applied."""
+    from transformers import AutoModelForCausalLM
+
+    from .memory import attn_implementation, fix_bnb_cpu_repack
+
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    quant = quantization_config(model_args)
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation or attn_implementation("cpu" if on_cpu else "cuda"),
+        dtype=getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else model_args.dtype,
+    )
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": "cpu" if on_cpu else torch.cuda.current_device()})
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    fix_bnb_cpu_repack(model)
+    return model
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """A checkpoint the Trainer finished writing: `trainer_state.json` is written last, after the adapter."""
+    names = set(os.listdir(path)) if os.path.isdir(path) else set()
+    return {"trainer_state.json", "adapter_config.json", "adapter_model.safetensors"} <= names
+
+
+def last_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest `checkpoint-N` in `output_dir` that was completely written (a kill mid-save leaves a partial one)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(name.split("-")[-1]), name)
+        for name in os.listdir(output_dir)
+        if name.startswith("checkpoint-") and name.split("-")[-1].isdigit()
+    )
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        if is_complete_checkpoint(path):
+            return path
+        logger.warning("Skipping incomplete checkpoint %s", path)
+    return None
+
+
+def resolve_resume(resume_from_checkpoint, output_dir: str) -> Optional[str]:
+    """`true`/`last` -> the newest complete checkpoint (or a fresh start when there is none); a path -> itself."""
+    if resume_from_checkpoint in (None, False, "", "false", "False"):
+        return None
+    if resume_from_checkpoint in (True, "true", "True", "last", "latest"):
+        return last_complete_checkpoint(output_dir)
+    if not is_complete_checkpoint(resume_from_checkpoint):
+        raise ValueError(
+            f"`resume_from_checkpoint`={resume_from_checkpoint!r} is not a complete checkpoint directory; pass "
+            "`true` to resume from the newest complete one."
+        )
+    return resume_from_checkpoint
+
+
+def save_adapter(trainer, output_dir: str) -> None:
+    """Save the final adapter (+ tokenizer) into `output_dir`, complete or absent: written to a temporary directory
+    first, then moved in, `adapter_config.json` last."""
+    tmp = os.path.join(output_dir, f".tmp-final-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(tmp)
+    names = sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json")
+    for name in names:
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_args: PIModelConfig, pi_args):
+    from transformers import AutoConfig, AutoTokenizer
+    from trl import SFTTrainer
+
+    from .data import load_raw_dataset, prepare_train_dataset
+
+    # PI settings, resolved against the base model's window
+    base_config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    peft_config = make_pi_config(model_args, pi_args, base_config)
+    if training_args.max_length is None:
+        training_args.max_length = peft_config.context_length  # never trl's silent 1024-token default
+
+    # Data: documents packed into full windows, or SFT data passed to trl
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    dataset = load_raw_dataset(
+        script_args.dataset_name,
+        data_files=pi_args.data_files,
+        config=script_args.dataset_config,
+        split=script_args.dataset_train_split,
+        streaming=script_args.dataset_streaming,
+    )
+    train_dataset, mode = prepare_train_dataset(
+        dataset,
+        tokenizer,
+        training_args.max_length,
+        mode=pi_args.data_mode,
+        text_field=training_args.dataset_text_field,
+    )
+    if mode == "pretrain":
+        training_args.packing = False  # already packed into exact windows
+
+    # Model (4-bit NF4 when asked) and trainer; SFTTrainer applies the PIConfig and its fused chunked loss
+    model = load_base_model(model_args, training_args)
+    progress = PIProgressCallback(
+        peft_config.context_length,
+        peft_config.scaling_factor,
+        peft_config.original_context_length,
+        training_args.max_length
+        * training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trainer.callback_handler.callbacks.insert(0, progress)  # before the printers, so they show its fields
+
+    # Train (resuming from the newest complete checkpoint when asked), save, push
+    trainer.train(
+        resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    )
+    save_adapter(trainer, training_args.output_dir)
+    trainer.accelerator.print(f"Adapter saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((ScriptArguments, PITrainingConfig, PIModelConfig, PIArguments), prog="pi-peft train")
+
+
+def cli_main(argv: list[str]) -> int:
+    """`pi-peft train [--config recipe.yaml] [options]`."""
+    main(*make_parser().parse_args_and_config(args=argv))
+    return 0

@@ -1,0 +1,23 @@
+"""
+Train a Position Interpolation (Q)LoRA adapter: the same code as `pi-peft train` (`pi_peft/train.py`).
+
+```bash
+python recipes/train.py --config recipes/llama2-7b-16k.yaml
+python recipes/train.py --config recipes/llama2-7b-32k.yaml
+python recipes/train.py --config recipes/llama3-8b-32k.yaml
+python recipes/train.py --config recipes/mistral-7b-32k.yaml
+
+# any option of the YAML can be overridden, e.g. resume after a crash:
+python recipes/train.py --config recipes/llama2-7b-16k.yaml --resume_from_checkpoint true
+```
+
+Arguments: trl's `ScriptArguments` (dataset), `SFTConfig` (training; `max_length` defaults to the target context),
+`ModelConfig` (model, `load_in_4bit`, LoRA) and pi_peft's `PIArguments` (`context_length`, `train_embeddings`, ...).
+"""
+
+from pi_peft.train import main, make_parser
+
+if __name__ == "__main__":
+    parser = make_parser()
+    script_args, training_args, model_args, pi_args = parser.parse_args_and_config()
+    main(script_args, training_args, model_args, pi_args)
