@@ -10,7 +10,8 @@ h, i, kv = hidden, intermediate and key/value width; n = layers; V = vocabulary)
                    P_train = LoRA r*(in+out) per target linear + V*h (train_embeddings) + norms (train_norms);
                    p = 2 for QLoRA (trl casts the trainable parameters of a k-bit model to bf16), else 4 for LoRA
                    (peft keeps adapters in fp32) and `a` for the full embedding/norm copies.
-    activations  = B*T*a * (n*h                    one checkpointed input per decoder layer
+    activations  = B*T*a * (n*h                    one checkpointed input per decoder layer (2*h with activation
+                                                   offloading: the others wait in CPU memory)
                             + 10*h + 4*kv + 4*i    one layer recomputed for its backward (norms, q/k/v, attention
                                                    output, o_proj, residual, gate/up/act/product, down)
                             + 4*h)                 gradients flowing through that layer
@@ -167,6 +168,7 @@ def estimate_memory(
     attention: str = "sdpa",
     loss: str = "fused",
     loss_chunk_tokens: int = 4096,
+    activation_offloading: bool = False,
     device: str = "cuda",
 ) -> MemoryEstimate:
     """Estimate the peak memory of one (Q)LoRA training step at `context_length` tokens (module docstring formula).
@@ -182,6 +184,8 @@ def estimate_memory(
         attention (`str`): `"sdpa"`, `"flash_attention_2"` (both O(T)) or `"eager"` (O(T^2)).
         loss (`str`): `"fused"` (SFTTrainer's chunked LM head), `"chunked"` (`pi_peft.memory`'s own chunked loss
             with `loss_chunk_tokens` rows per chunk) or `"full"` (materialised logits).
+        activation_offloading (`bool`): checkpointed layer inputs wait in CPU memory (trl's `activation_offloading`);
+            two layers' worth are counted on the GPU.
         device (`str`): `"cuda"` adds the CUDA overhead, `"cpu"` does not.
     """
     if isinstance(model_config, str):
@@ -220,7 +224,8 @@ def estimate_memory(
 
     # activations
     one_layer = 10 * h + 4 * kv + 4 * i + 4 * h
-    per_token = (n * h + one_layer) if gradient_checkpointing else n * (10 * h + 4 * kv + 4 * i) + 4 * h
+    checkpoints = min(n, 2) * h if activation_offloading else n * h
+    per_token = (checkpoints + one_layer) if gradient_checkpointing else n * (10 * h + 4 * kv + 4 * i) + 4 * h
     activations = B * T * a * per_token
     if attention == "eager":
         activations += B * s["heads"] * T * T * (a + 4) * (1 if gradient_checkpointing else n)
@@ -305,6 +310,7 @@ def recipe_row(path: str, gpu_gb: float = 24.0) -> dict[str, Any]:
         batch_size=int(recipe.get("per_device_train_batch_size", 1)),
         train_embeddings=bool(recipe.get("train_embeddings", True)),
         train_norms=bool(recipe.get("train_norms", True)),
+        activation_offloading=bool(recipe.get("activation_offloading", False)),
     )
     config = load_model_config(recipe["model_name_or_path"])
     est = estimate_memory(config, int(recipe["context_length"]), **kwargs)
@@ -339,6 +345,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train-norms", action="store_true")
     p.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
     p.add_argument("--loss", choices=LOSSES, default="fused")
+    p.add_argument("--activation-offloading", action="store_true", help="checkpoints wait in CPU memory")
     p.add_argument("--recipes", nargs="+", metavar="YAML", help="print a markdown table for these recipe files")
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     return p
@@ -359,6 +366,7 @@ def cli_main(argv: list[str]) -> int:
         train_norms=not args.no_train_norms,
         attention=args.attention,
         loss=args.loss,
+        activation_offloading=args.activation_offloading,
     )
     config = load_model_config(args.model)
     est = estimate_memory(config, args.context_length, **kwargs)

@@ -61,7 +61,7 @@ class PITrainingConfig(SFTConfig):
     max_length: Optional[int] = field(
         default=None, metadata={"help": "Tokens per training sequence; defaults to the target `context_length`."}
     )
-    gradient_checkpointing_kwargs: Optional[dict] = field(
+    activation_checkpointing_kwargs: Optional[dict] = field(
         default_factory=lambda: {"use_reentrant": False},
         metadata={"help": "Keyword arguments for gradient checkpointing (non-reentrant by default)."},
     )
