@@ -48,7 +48,8 @@ def fix_bnb_cpu_repack(model: nn.Module) -> int:
     layer runs in eval mode on an input without grad (any `torch.no_grad()` evaluation). That kernel has no autograd
     path, so later training steps compute LoRA gradients that are silently wrong (relative error ~1) while the loss
     looks normal. This sets `support_avx512bf16_for_cpu = False` on every `Linear4bit` and unpacks weights that were
-    already repacked. Harmless on GPU and on models without 4-bit layers.
+    already repacked (best effort: the repack rounded their absmax to bf16, so call this before any evaluation, as
+    `pi-peft train` does when it loads the model). Harmless on GPU and on models without 4-bit layers.
 
     Returns:
         `int`: the number of `Linear4bit` modules fixed.
