@@ -92,9 +92,9 @@ def load_tokenizer(path: str, tokenizer: str | None = None):
         return AutoTokenizer.from_pretrained(tokenizer)
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError) as exc:
         if not is_adapter_dir(path):
-            raise
+            raise ValueError(f"No tokenizer could be loaded from {path!r} ({exc}); pass `--tokenizer`.") from exc
         with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
             base = json.load(f).get("base_model_name_or_path")
         if not base:
@@ -192,7 +192,7 @@ def run_passkey(args) -> dict:
     models = {}
     for spec in args.model:
         label, path = parse_model_spec(spec)
-        model, tokenizer = load_model(path, args.dtype, args.device), load_tokenizer(path, args.tokenizer)
+        tokenizer, model = load_tokenizer(path, args.tokenizer), load_model(path, args.dtype, args.device)
         result = evaluate_passkey(
             model,
             tokenizer,
@@ -218,7 +218,7 @@ def run_ppl(args) -> dict:
     models = {}
     for spec in args.model:
         label, path = parse_model_spec(spec)
-        model, tokenizer = load_model(path, args.dtype, args.device), load_tokenizer(path, args.tokenizer)
+        tokenizer, model = load_tokenizer(path, args.tokenizer), load_model(path, args.dtype, args.device)
         docs = tokenize_documents(tokenizer, texts, not args.no_concatenate, args.max_tokens)
         results = []
         for n in sorted(args.lengths):
