@@ -1,0 +1,397 @@
+"""Shared harness of the benchmarks: the benchmark model, the training-step configurations, a worker that runs one
+configuration in a fresh subprocess and measures it, and small table / fit helpers.
+
+Run one configuration by hand (prints one JSON line):
+
+    python benchmarks/_common.py '{"config": "pi_peft", "context_length": 2048}'
+
+Memory is measured inside the worker process:
+
+- `idle_rss`: resident set size after the imports (torch, transformers, peft, pi_peft), before the model is built.
+- `peak_rss`: the kernel's high-water mark of the resident set (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, the
+  same number as `VmHWM` in `/proc/self/status`) over the process: model build and the first training step, or, with
+  `steps > 0`, over the further steps only (the mark is reset after the first step via `/proc/self/clear_refs`).
+- `step_rss = peak_rss - idle_rss`: what the model, the optimizer and the step added on top of the imports.
+- `torch_peak`: the peak of live CPU tensor allocations (bytes) from model creation through the end of the first
+  training step, replayed from `torch.profiler`'s memory events (`profile_memory=True`); the closest CPU analogue of
+  `torch.cuda.max_memory_allocated`.
+- `step_time`: the wall time of the first step (profiled; the profiler's per-op bookkeeping is small next to steps of
+  seconds), or the median of the further `steps`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MIB = 1024**2
+GIB = 1024**3
+
+# The benchmark model: tiny in width and depth (so that 16k tokens run on a laptop CPU) but with a real 32k
+# vocabulary, so that the (tokens x vocab) logits weigh what they weigh in Llama-2.
+BENCH_DIMS: dict[str, Any] = dict(
+    vocab_size=32000,
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=4,
+    num_attention_heads=2,  # head_dim 64, as in Llama
+    num_key_value_heads=2,
+    max_position_embeddings=512,  # the original window L; every benchmarked context is an extension by PI
+    tie_word_embeddings=False,
+)
+# CI smoke size: every code path, a few seconds.
+SMOKE_DIMS: dict[str, Any] = dict(
+    vocab_size=512,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+LORA_R, LORA_ALPHA = 16, 32  # used where the recipe defaults are not the subject (pi_overhead)
+
+# training-step configurations a worker can run
+CONFIGS = ("plain", "pi_peft", "lora", "pi")
+CONFIG_HELP = {
+    "plain": "transformers `rope_parameters` + peft `LoraConfig` with the same adapter as (b), defaults for the "
+    "rest: attention as transformers picks it, `model(input_ids, labels=...).loss` (full fp32 logits), "
+    "no gradient checkpointing",
+    "pi_peft": "pi_peft's recipe defaults: `PIConfig` from `pi_peft.train.make_pi_config` with the recipe's "
+    "default arguments, `attn_implementation()`, `apply_memory_savers` (non-reentrant gradient checkpointing), "
+    "`fused_causal_lm_loss` (no full logits; on CPU its `auto` backend is trl's chunked kernel, as in SFTTrainer)",
+    "lora": "plain LoRA (`LoraConfig`), original RoPE, default loss",
+    "pi": "PI + LoRA (`PIConfig`, same LoRA settings as `lora`), default loss",
+}
+
+
+def bench_dims(smoke: bool) -> dict[str, Any]:
+    return dict(SMOKE_DIMS if smoke else BENCH_DIMS)
+
+
+# ---- machine -----------------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    """Cores, RAM, load and library versions of this machine, and the date, for the results tables."""
+    import peft
+    import psutil
+    import torch
+    import transformers
+
+    return dict(
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        cpu=platform.processor() or platform.machine(),
+        cores=os.cpu_count(),
+        ram_gib=round(psutil.virtual_memory().total / GIB, 1),
+        available_gib_at_start=round(psutil.virtual_memory().available / GIB, 1),
+        load_average_at_start=[round(x, 2) for x in os.getloadavg()],
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        peft=peft.__version__,
+        torch_threads=torch.get_num_threads(),
+    )
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    return (
+        f"{info['date']}; {info['cores']} cores ({info['cpu']}), {info['ram_gib']} GiB RAM "
+        f"({info['available_gib_at_start']} GiB available, load average {info['load_average_at_start']} at start); "
+        f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}"
+    )
+
+
+# ---- configurations ----------------------------------------------------------------------------------------------
+def recipe_lora_kwargs() -> dict[str, Any]:
+    """The LoRA settings and LongLoRA switches of pi_peft's training recipe: the defaults of `pi_peft.train`'s
+    `PIModelConfig` (trl's `ModelConfig` with pi_peft's QLoRA defaults) and `PIArguments`."""
+    from pi_peft.train import PIArguments, PIModelConfig
+
+    model_args, pi_args = PIModelConfig(), PIArguments()
+    targets = model_args.lora_target_modules
+    return dict(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules="all-linear" if list(targets or []) == ["all-linear"] else targets,
+        train_embeddings=pi_args.train_embeddings,
+        train_norms=pi_args.train_norms,
+    )
+
+
+def _norm_module_names(model) -> list[str]:
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and "Norm" in type(m).__name__}
+    return sorted(names)
+
+
+def build(config: str, dims: dict[str, Any], context_length: int, seed: int = 0, loss_kwargs=None):
+    """The model (with its adapter) and the loss function `loss_fn(model, ids) -> scalar` of a configuration.
+
+    Every configuration starts from the same randomly initialised base (same `seed`); `context_length` T sets the PI
+    factor s = T / L for the configurations that extend the context (`plain`, `pi_peft`, `pi`). `loss_kwargs`
+    (`backend`, `chunk_tokens`) go to `fused_causal_lm_loss` in the `pi_peft` configuration."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import pi_peft
+
+    if config not in CONFIGS:
+        raise ValueError(f"`config` must be one of {CONFIGS}, got {config!r}.")
+    L = dims["max_position_embeddings"]
+    factor = max(1.0, context_length / L)
+    model_config = LlamaConfig(**dims)
+    torch.manual_seed(seed)
+    if config == "plain":
+        # the do-it-yourself path: RoPE scaling through transformers' own config field, then a peft LoRA
+        model_config.rope_parameters = {"rope_type": "linear", "factor": factor, "rope_theta": 10000.0}
+        model_config.max_position_embeddings = max(L, context_length)
+        model = AutoModelForCausalLM.from_config(model_config)
+        kwargs = recipe_lora_kwargs()
+        modules_to_save = (["embed_tokens"] if kwargs.pop("train_embeddings", False) else []) + (
+            _norm_module_names(model) if kwargs.pop("train_norms", False) else []
+        )
+        lora = LoraConfig(task_type="CAUSAL_LM", modules_to_save=modules_to_save or None, **kwargs)
+        model = get_peft_model(model, lora)
+        return model.train(), _default_loss
+    if config == "pi_peft":
+        from pi_peft.memory import apply_memory_savers, attn_implementation, fused_causal_lm_loss
+
+        model = AutoModelForCausalLM.from_config(model_config, attn_implementation=attn_implementation("cpu"))
+        from pi_peft.train import PIArguments, PIModelConfig, make_pi_config
+
+        pi_config = make_pi_config(PIModelConfig(), PIArguments(scaling_factor=factor), model.config)
+        model = get_peft_model(model, pi_config)
+        apply_memory_savers(model)
+        loss_kwargs = dict(loss_kwargs or {})
+        return model.train(), lambda m, ids: fused_causal_lm_loss(m, ids, **loss_kwargs)
+    # pi_overhead: only the peft config differs
+    model = AutoModelForCausalLM.from_config(model_config)
+    lora = dict(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear")
+    peft_config = (
+        LoraConfig(task_type="CAUSAL_LM", **lora)
+        if config == "lora"
+        else pi_peft.PIConfig(scaling_factor=factor, **lora)
+    )
+    return get_peft_model(model, peft_config).train(), _default_loss
+
+
+def _default_loss(model, ids):
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def make_optimizer(model):
+    import torch
+
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+
+
+def train_step(model, loss_fn, optimizer, ids) -> float:
+    """One training step: forward, backward, optimizer step. Returns the loss."""
+    loss = loss_fn(model, ids)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def batch(dims: dict[str, Any], context_length: int, batch_size: int = 1, seed: int = 1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, dims["vocab_size"], (batch_size, context_length), generator=g)  # (B, T)
+
+
+# ---- measurement inside the worker -------------------------------------------------------------------------------
+def current_rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """High-water mark of this process's resident set, in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def torch_alloc_peak(prof) -> tuple[int, int]:
+    """(peak, final) bytes of live CPU tensor allocations, replayed in time order from a memory profile."""
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()  # allocations positive, frees negative
+        peak = max(peak, live)
+    return peak, live
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build one configuration and measure its training steps (run in a fresh process, see `run_worker`)."""
+    import peft  # noqa: F401  (imported before the idle baseline is taken)
+    import torch
+    import transformers  # noqa: F401
+
+    import pi_peft  # noqa: F401
+    import pi_peft.memory
+    import pi_peft.train  # noqa: F401
+
+    pi_peft.memory.available_loss_backends()  # imports trl's loss kernel now, so that the import is not in the step
+    threads = int(spec.get("threads", 0)) or os.cpu_count()
+    torch.set_num_threads(threads)
+    dims = spec.get("dims") or bench_dims(bool(spec.get("smoke")))
+    T, B, steps = int(spec["context_length"]), int(spec.get("batch_size", 1)), int(spec.get("steps", 0))
+    gc.collect()
+    idle = current_rss()
+    ids = batch(dims, T, B)
+    profile = bool(spec.get("profile", True))
+    seed = int(spec.get("seed", 0))
+    # first step: model build + one training step, under the memory profiler (torch allocation peak)
+    start = time.perf_counter()
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        with profiler(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model, loss_fn = build(spec["config"], dims, T, seed, spec.get("loss_kwargs"))
+            optimizer = make_optimizer(model)
+            step_start = time.perf_counter()
+            losses = [train_step(model, loss_fn, optimizer, ids)]
+            times = [time.perf_counter() - step_start]
+        alloc_peak, _ = torch_alloc_peak(prof)
+        del prof
+    else:
+        model, loss_fn = build(spec["config"], dims, T, seed, spec.get("loss_kwargs"))
+        optimizer = make_optimizer(model)
+        step_start = time.perf_counter()
+        losses = [train_step(model, loss_fn, optimizer, ids)]
+        times = [time.perf_counter() - step_start]
+        alloc_peak = None
+    build_time = step_start - start
+    reset = False
+    if steps > 0:  # further steps, timed without the profiler, with the RSS high-water mark reset
+        gc.collect()
+        reset = reset_peak_rss()
+        times, losses = [], losses
+        for _ in range(steps):
+            step_start = time.perf_counter()
+            losses.append(train_step(model, loss_fn, optimizer, ids))
+            times.append(time.perf_counter() - step_start)
+    peak = peak_rss()
+    step_time = statistics.median(times)
+    return dict(
+        config=spec["config"],
+        loss_kwargs=spec.get("loss_kwargs"),
+        dims=dims,
+        lora=recipe_lora_kwargs(),
+        context_length=T,
+        batch_size=B,
+        idle_rss=idle,
+        peak_rss=peak,
+        step_rss=peak - idle,
+        peak_rss_reset=reset,
+        torch_peak=alloc_peak,
+        build_time=build_time,
+        step_times=times,
+        step_time=step_time,
+        timed_steps="first (profiled)" if steps == 0 else f"{steps} after the first",
+        tokens_per_s=B * T / step_time,
+        losses=losses,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        attn_implementation=model.config._attn_implementation,
+        threads=threads,
+    )
+
+
+def run_worker(spec: dict[str, Any], timeout: Optional[float] = None) -> dict[str, Any]:
+    """Run [`worker`] in a fresh Python process and return its measurements; raises with the worker's stderr if it
+    fails (an out-of-memory kill included)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, os.path.join(HERE, "_common.py"), json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec} exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- analysis ----------------------------------------------------------------------------------------------------
+def fit_growth(contexts: list[int], values: list[float]) -> dict[str, Any]:
+    """Fit `value(T) = c0 + c1 T + c2 T^2` (least squares) and say whether growth is linear or quadratic.
+
+    `quadratic_share` is the part of the growth from the smallest to the largest T that the T^2 term explains. The
+    growth is called linear when it is below 10 % in size, quadratic when above, concave when below -10 % (noise, or a
+    constant-size block that is already reached at small T), flat when it does not grow. `exponent` is the log-log
+    slope of `value - c0` between the two largest contexts (1 for linear, 2 for quadratic growth). With fewer than 3
+    contexts only a line is fitted."""
+    import numpy as np
+
+    T = np.asarray(contexts, dtype=float)
+    y = np.asarray(values, dtype=float)
+    lin = np.polyfit(T, y, 1)  # [c1, c0]
+    out: dict[str, Any] = dict(bytes_per_token_linear=float(lin[0]), intercept_linear=float(lin[1]))
+    if len(T) < 3:
+        out.update(quadratic_share=None, exponent=None, verdict="untested (2 points)")
+        return out
+    c2, c1, c0 = np.polyfit(T, y, 2)
+    lo, hi = T.min(), T.max()
+    growth_quad = c2 * (hi**2 - lo**2)
+    growth_total = c1 * (hi - lo) + growth_quad
+    share = float(growth_quad / growth_total) if growth_total > 0 else float("nan")
+    order = np.argsort(T)
+    t1, t2 = T[order[-2]], T[order[-1]]
+    y1, y2 = y[order[-2]] - c0, y[order[-1]] - c0
+    exponent = float(np.log(y2 / y1) / np.log(t2 / t1)) if y1 > 0 and y2 > 0 else float("nan")
+    out.update(
+        c0=float(c0),
+        c1=float(c1),
+        c2=float(c2),
+        quadratic_share=share,
+        exponent=exponent,
+        verdict="flat"
+        if growth_total <= 0
+        else ("linear" if abs(share) < 0.10 else ("quadratic" if share > 0 else "concave")),
+    )
+    return out
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mib(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x / MIB:,.0f}"
+
+
+def write_json(path: Optional[str], payload: dict[str, Any]) -> None:
+    """Write `payload` to `path` atomically (temp file + `os.replace`)."""
+    if not path:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(json.loads(sys.argv[1]))))
