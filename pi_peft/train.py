@@ -147,6 +147,11 @@ def quantization_config(model_args: ModelConfig):
         raise ValueError("`load_in_8bit` is not supported; use `load_in_4bit` (QLoRA NF4) or neither.")
     if not model_args.load_in_4bit:
         return None
+    if model_args.dtype not in (None, "bfloat16"):
+        raise ValueError(
+            f"`dtype`={model_args.dtype!r} with `load_in_4bit`: QLoRA computes in bfloat16 (trl casts the trainable "
+            "weights of a 4-bit model to bfloat16), so set `dtype` to 'bfloat16' or drop `load_in_4bit`."
+        )
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(

@@ -1,0 +1,130 @@
+"""End to end: `pi-peft train` / `recipes/train.py` on a locally saved tiny Llama and a local dataset."""
+
+import json
+import os
+import runpy
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _train_helpers import make_jsonl, make_tiny_llama
+from peft import AutoPeftModelForCausalLM, PeftModel
+from safetensors.torch import load_file
+
+import pi_peft.train
+from pi_peft.estimate import KNOWN_CONFIGS
+from pi_peft.memory import fix_bnb_cpu_repack
+from pi_peft.train import cli_main, main, make_parser, make_pi_config
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "train.py")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-e2e")
+    return SimpleNamespace(
+        model=make_tiny_llama(str(root / "model")),
+        data=make_jsonl(str(root / "data" / "train.jsonl"), n_docs=6, words_per_doc=120),
+    )
+
+
+def _argv(assets, output_dir, *extra):
+    return [
+        "--model_name_or_path", assets.model, "--data_files", assets.data, "--output_dir", str(output_dir),
+        "--context_length", "128", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0",
+        "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--learning_rate", "1e-3",
+        "--warmup_steps", "1", "--per_device_train_batch_size", "1", "--seed", "0",
+        "--use_cpu", "--bf16", "false", "--dtype", "float32", *extra,
+    ]  # fmt: skip
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def _check_saved_adapter(output_dir):
+    config = json.load(open(os.path.join(output_dir, "adapter_config.json")))
+    assert config["peft_type"] == "PI" and config["context_length"] == 128 and config["scaling_factor"] == 2.0
+    weights = load_file(os.path.join(output_dir, "adapter_model.safetensors"))
+    assert any("embed_tokens" in k for k in weights) and any("norm" in k for k in weights)  # LongLoRA extras
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)  # trained away from B = 0
+    assert not [n for n in os.listdir(output_dir) if n.startswith(".tmp")]
+
+
+def test_train_lora_end_to_end_and_load_back_with_pi(assets, tmp_path):
+    out = tmp_path / "lora"
+    trainer = main(*make_parser().parse_args_and_config(args=_argv(assets, out)))
+    assert trainer.args.max_length == 128  # the target context, not trl's 1024
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    assert all(e["context_length"] == 128 and e["pi_factor"] == 2.0 and e["tokens_per_second"] > 0 for e in logs)
+    _check_saved_adapter(out)
+
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    assert loaded.config.rope_parameters["factor"] == 2.0 and loaded.config.max_position_embeddings == 128
+    ids = torch.randint(3, 256, (1, 128))
+    torch.testing.assert_close(_logits(loaded, ids), _logits(trainer.model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_recipe_script_qlora_end_to_end(assets, tmp_path, monkeypatch):
+    out = tmp_path / "qlora"
+    captured = {}
+    real_main = pi_peft.train.main
+    monkeypatch.setattr(pi_peft.train, "main", lambda *args: captured.setdefault("trainer", real_main(*args)))
+    argv = _argv(assets, out, "--load_in_4bit", "--dtype", "bfloat16")  # QLoRA: NF4 + bf16 compute, as on a GPU
+    monkeypatch.setattr(sys, "argv", ["recipes/train.py", *argv])
+    runpy.run_path(RECIPE, run_name="__main__")
+    trainer = captured["trainer"]
+    assert trainer.model.base_model.model.is_loaded_in_4bit
+    _check_saved_adapter(out)
+
+    from transformers import AutoModelForCausalLM
+
+    from pi_peft.train import quantization_config
+
+    base = AutoModelForCausalLM.from_pretrained(
+        assets.model, quantization_config=quantization_config(SimpleNamespace(
+            load_in_4bit=True, load_in_8bit=False, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
+            dtype="bfloat16")),
+        device_map="cpu", dtype=torch.bfloat16,
+    )  # fmt: skip
+    fix_bnb_cpu_repack(base)  # same 4-bit kernel as in training (the CPU inference repack rounds differently)
+    loaded = PeftModel.from_pretrained(base, str(out))
+    assert loaded.config.rope_parameters["factor"] == 2.0
+    ids = torch.randint(3, 256, (1, 128))
+    got, want = _logits(loaded, ids).float(), _logits(trainer.model, ids).float()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2)  # peft runs the bf16-trained adapters in fp32
+
+
+def test_qlora_needs_bf16_compute(assets, tmp_path):
+    with pytest.raises(ValueError, match="`dtype`='float32' with `load_in_4bit`"):
+        cli_main(_argv(assets, tmp_path / "out", "--load_in_4bit"))
+
+
+def test_too_short_dataset_is_a_clear_error(assets, tmp_path):
+    short = make_jsonl(str(tmp_path / "short" / "train.jsonl"), n_docs=2, words_per_doc=5)
+    argv = _argv(assets, tmp_path / "out", "--data_files", short)
+    with pytest.raises(ValueError, match=r"too short for one window.*`max_length`=128"):
+        cli_main(argv)
+
+
+@pytest.mark.parametrize(
+    "name, factor, original",
+    [("llama2-7b-16k", 4.0, 4096), ("llama2-7b-32k", 8.0, 4096), ("llama3-8b-32k", 4.0, 8192),
+     ("mistral-7b-32k", 4.0, 8192)],
+)  # fmt: skip
+def test_recipe_yamls_parse_with_trl_parser(name, factor, original):
+    path = os.path.join(os.path.dirname(RECIPE), f"{name}.yaml")
+    script, training, model, pi = make_parser().parse_args_and_config(
+        args=["--config", path, "--use_cpu", "--bf16", "false"]
+    )
+    assert training.max_length is None  # main() sets it to the target context
+    assert (training.learning_rate, training.warmup_steps, training.max_steps) == (2e-5, 20, 1000)
+    assert model.load_in_4bit and model.use_bnb_nested_quant and pi.train_embeddings and pi.train_norms
+    base = SimpleNamespace(**KNOWN_CONFIGS[model.model_name_or_path])
+    config = make_pi_config(model, pi, base)
+    assert (config.scaling_factor, config.original_context_length) == (factor, original)
+    assert config.target_modules == "all-linear"
