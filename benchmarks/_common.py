@@ -319,6 +319,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         attn_implementation=model.config._attn_implementation,
         threads=threads,
+        pid=os.getpid(),
     )
 
 
@@ -346,6 +347,9 @@ def fit_growth(contexts: list[int], values: list[float]) -> dict[str, Any]:
 
     T = np.asarray(contexts, dtype=float)
     y = np.asarray(values, dtype=float)
+    if len(T) < 2:
+        return dict(bytes_per_token_linear=None, intercept_linear=None, quadratic_share=None, exponent=None,
+                    verdict="untested (1 point)")  # fmt: skip
     lin = np.polyfit(T, y, 1)  # [c1, c0]
     out: dict[str, Any] = dict(bytes_per_token_linear=float(lin[0]), intercept_linear=float(lin[1]))
     if len(T) < 3:

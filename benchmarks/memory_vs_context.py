@@ -193,7 +193,10 @@ def report(runs: list[dict[str, Any]], summary: dict[str, Any], info: dict[str, 
         for m, fit in summary["fits"][n].items():
             share = "n/a" if fit["quadratic_share"] is None else f"{fit['quadratic_share']:.0%}"
             exponent = "n/a" if fit["exponent"] is None else f"{fit['exponent']:.2f}"
-            rows.append([label[n], m, f"{fit['bytes_per_token_linear'] * 1000 / MIB:.1f}", share, exponent,
+            slope = (
+                "n/a" if fit["bytes_per_token_linear"] is None else f"{fit['bytes_per_token_linear'] * 1000 / MIB:.1f}"
+            )
+            rows.append([label[n], m, slope, share, exponent,
                          fit["verdict"]])  # fmt: skip
     lines += [markdown_table(headers, rows), ""]
     lo, hi = TARGET_RANGE

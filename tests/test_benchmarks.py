@@ -1,0 +1,146 @@
+"""CI smoke runs of the benchmark scripts (tiny sizes): they run end to end and their outputs are complete and sane.
+No timing asserts: the numbers at these sizes measure nothing, only that the scripts still work."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH_DIR)
+
+import _common  # noqa: E402
+import estimator_accuracy  # noqa: E402
+import gpu_max_context  # noqa: E402
+import memory_vs_context  # noqa: E402
+import pi_overhead  # noqa: E402
+
+SMOKE_T = 128  # 2x the smoke model's original window
+
+
+@pytest.fixture(scope="module")
+def mvc(tmp_path_factory):
+    """One smoke run of memory_vs_context.py: (a) and (b), each in its own subprocess."""
+    path = str(tmp_path_factory.mktemp("bench") / "mvc.json")
+    assert memory_vs_context.main(["--smoke", "--contexts", str(SMOKE_T), "--json-out", path]) == 0
+    with open(path) as f:
+        return path, json.load(f)
+
+
+def test_memory_vs_context_runs_both_configurations_in_subprocesses(mvc):
+    _, payload = mvc
+    runs = {r["label"]: r for r in payload["runs"]}
+    assert set(runs) == {"plain", "pi_peft"}
+    for run in runs.values():
+        assert run["context_length"] == SMOKE_T
+        assert 0 < run["idle_rss"] < run["peak_rss"]
+        assert run["step_rss"] == run["peak_rss"] - run["idle_rss"] > 0
+        assert run["torch_peak"] > 0
+        assert run["tokens_per_s"] > 0 and run["step_time"] > 0
+        assert run["attn_implementation"] == "sdpa"
+        assert run["dims"] == _common.SMOKE_DIMS
+    pids = {run["pid"] for run in runs.values()}
+    assert len(pids) == 2 and os.getpid() not in pids  # each configuration in its own process
+    # same base, same data, same PI factor, LoRA B = 0 at the first step: both configurations compute the same loss,
+    # (b) without ever building the full logits
+    loss_a, loss_b = runs["plain"]["losses"][0], runs["pi_peft"]["losses"][0]
+    assert math.isfinite(loss_a) and abs(loss_a - math.log(_common.SMOKE_DIMS["vocab_size"])) < 1.0
+    assert loss_b == pytest.approx(loss_a, abs=1e-4)
+    # the same trainable parameters: LoRA on all linear layers + embeddings + norms in both
+    assert runs["plain"]["trainable_params"] == runs["pi_peft"]["trainable_params"]
+
+
+def test_memory_vs_context_summary_ratios_are_b_over_a(mvc):
+    _, payload = mvc
+    runs = {r["label"]: r for r in payload["runs"]}
+    ratios = payload["summary"]["ratios"]["pi_peft"][str(SMOKE_T)]
+    for m in ("peak_rss", "step_rss", "torch_peak", "tokens_per_s"):
+        assert ratios[m] == pytest.approx(runs["pi_peft"][m] / runs["plain"][m])
+    assert payload["machine"]["cores"] == os.cpu_count() and payload["machine"]["torch"] == torch.__version__
+
+
+def test_memory_vs_context_report_has_every_table(mvc, capsys):
+    _, payload = mvc
+    text = memory_vs_context.report(payload["runs"], payload["summary"], payload["machine"])
+    for needle in ("peak RSS of the process", "peak RSS minus the idle RSS", "peak of live torch CPU allocations",
+                   "tokens/s", "(b) / (a)", "Growth of memory", "(a) plain", "(b) pi_peft"):  # fmt: skip
+        assert needle in text
+
+
+def test_fit_growth_tells_linear_from_quadratic():
+    T = [1024, 2048, 4096, 8192, 16384]
+    linear = _common.fit_growth(T, [500e6 + 3e4 * t for t in T])
+    quadratic = _common.fit_growth(T, [500e6 + 10 * t + 5.0 * t * t for t in T])
+    assert linear["verdict"] == "linear" and linear["exponent"] == pytest.approx(1.0, abs=0.01)
+    assert linear["bytes_per_token_linear"] == pytest.approx(3e4)
+    assert quadratic["verdict"] == "quadratic" and quadratic["exponent"] == pytest.approx(2.0, abs=0.05)
+    assert _common.fit_growth(T[:2], [1.0, 2.0])["verdict"].startswith("untested")
+
+
+def test_estimator_accuracy_compares_the_measured_runs(mvc, tmp_path, capsys):
+    path, payload = mvc
+    out = tmp_path / "est.json"
+    assert estimator_accuracy.main(["--from-json", path, "--json-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "device='cpu', dtype_bytes=4" in text and "within 25%" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows] == ["plain", "pi_peft"]
+    runs = {r["label"]: r for r in payload["runs"]}
+    for row in rows:
+        est = estimator_accuracy.estimate_for(runs[row["label"]])
+        assert row["estimate"]["total"] == est.total > 0
+        for m in ("torch_peak", "step_rss"):
+            assert row[f"ratio_{m}"] == pytest.approx(est.total / runs[row["label"]][m])
+    # (a) keeps the full logits, (b) does not: the estimator must say (a) needs more at the same T
+    assert rows[0]["estimate"]["logits"] > rows[1]["estimate"]["logits"]
+
+
+def test_pi_overhead_smoke(tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    assert (
+        pi_overhead.main(["--smoke", "--context-length", str(SMOKE_T), "--rounds", "2", "--json-out", str(out)]) == 0
+    )
+    payload = json.loads(out.read_text())
+    result, summary = payload["result"], payload["summary"]
+    assert len(result["ratios"]) == 2 and all(r > 0 for r in result["ratios"])
+    assert len(result["step_times"]["lora"]) == len(result["step_times"]["pi"]) == 4  # A B B A, twice
+    assert result["rope_parameters"]["lora"]["rope_type"] == "default"
+    assert result["rope_parameters"]["pi"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert summary["min_ratio"] <= summary["median_ratio"] <= summary["max_ratio"]
+    assert "target PI overhead <= 2%" in capsys.readouterr().out
+
+
+def test_pi_overhead_rejects_zero_rounds():
+    with pytest.raises(ValueError, match="`--rounds`"):
+        pi_overhead.main(["--smoke", "--rounds", "0"])
+
+
+def test_build_rejects_unknown_configuration():
+    with pytest.raises(ValueError, match="`config` must be one of"):
+        _common.build("qlora", _common.SMOKE_DIMS, SMOKE_T)
+
+
+def test_gpu_max_context_without_cuda_exits_with_a_clear_message(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_max_context.main(["--model", "bench"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "torch.cuda.is_available() is False" in err
+
+
+@pytest.mark.parametrize("threshold", [0, 1000, 1024, 4096, 5000, 9999, 10**6])
+def test_gpu_search_finds_the_largest_fitting_context(threshold):
+    largest, trials = gpu_max_context.search_max_context(lambda T: T <= threshold, 4096, 1024, 100_000)
+    expected = min(threshold, 100_000) // 1024 * 1024
+    assert largest == expected
+    assert all(ok == (T <= threshold) for T, ok in trials)
+    assert len(trials) <= 12  # doubling + bisection, not a scan
+
+
+def test_gpu_search_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="`start`=1000 must be a multiple"):
+        gpu_max_context.search_max_context(lambda T: True, 1000, 1024, 4096)
+    with pytest.raises(ValueError, match="`multiple_of` must be a positive int"):
+        gpu_max_context.search_max_context(lambda T: True, 1024, 0, 4096)
