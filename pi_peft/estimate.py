@@ -380,7 +380,7 @@ def cli_main(argv: list[str]) -> int:
 
 # ---- measurement (CPU, peak RSS of a subprocess) ----------------------------------------------------------------
 _WORKER = r"""
-import json, resource, sys
+import json, sys
 spec = json.loads(sys.argv[1])
 import torch
 import pi_peft
@@ -388,8 +388,9 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 from pi_peft.memory import apply_memory_savers, fused_causal_lm_loss
 torch.set_num_threads(spec["threads"])
-def rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def rss():  # peak RSS of this process image: VmHWM (ru_maxrss would include the parent's RSS before exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 baseline = rss()
 torch.manual_seed(0)
 config = LlamaConfig(**spec["config"])
@@ -417,10 +418,11 @@ def measure_cpu_peak(
     chunk_tokens: int = 1024,
     threads: int = 1,
 ) -> int:
-    """Measured peak memory (bytes) of fp32 LoRA training steps of a Llama `config` on CPU: the peak RSS of a fresh
-    subprocess minus its RSS after the imports. The run mirrors [`estimate_memory`] with `quantization="none"`,
-    `dtype_bytes=4`, `device="cpu"`: PIConfig on all linear layers, trainable embeddings and norms, non-reentrant
-    checkpointing, pi_peft's chunked loss (`loss="chunked"`, `loss_chunk_tokens=chunk_tokens`), AdamW, two steps."""
+    """Measured peak memory (bytes) of fp32 LoRA training steps of a Llama `config` on CPU: the peak RSS (`VmHWM`,
+    Linux) of a fresh subprocess minus its peak after the imports. The run mirrors [`estimate_memory`] with
+    `quantization="none"`, `dtype_bytes=4`, `device="cpu"`: PIConfig on all linear layers, trainable embeddings and
+    norms, non-reentrant checkpointing, pi_peft's chunked loss (`loss="chunked"`, `loss_chunk_tokens=chunk_tokens`),
+    AdamW, two steps."""
     import subprocess
     import sys
 

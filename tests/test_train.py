@@ -3,6 +3,7 @@
 import json
 import os
 import runpy
+import shutil
 import sys
 from types import SimpleNamespace
 
@@ -102,6 +103,26 @@ def test_recipe_script_qlora_end_to_end(assets, tmp_path, monkeypatch):
 def test_qlora_needs_bf16_compute(assets, tmp_path):
     with pytest.raises(ValueError, match="`dtype`='float32' with `load_in_4bit`"):
         cli_main(_argv(assets, tmp_path / "out", "--load_in_4bit"))
+
+
+def test_sft_chat_data_trains_with_the_target_window(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pi_peft.data import write_jsonl
+
+    model_dir = tmp_path / "chat-model"
+    shutil.copytree(assets.model, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(model_dir)
+    turn = [{"role": "user", "content": "the river stone " * 8}, {"role": "assistant", "content": "old road " * 8}]
+    data = write_jsonl(({"messages": turn} for _ in range(12)), tmp_path / "chat.jsonl")
+    argv = _argv(assets, tmp_path / "out", "--model_name_or_path", str(model_dir), "--data_files", data, "--packing")
+    trainer = main(*make_parser().parse_args_and_config(args=argv))
+    assert trainer.args.max_length == 128 and trainer.state.global_step == 3
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[-1] <= 128  # packed chat turns fill (at most) the target window
+    assert json.load(open(tmp_path / "out" / "adapter_config.json"))["peft_type"] == "PI"
 
 
 def test_too_short_dataset_is_a_clear_error(assets, tmp_path):
