@@ -226,13 +226,30 @@ def save_adapter(trainer, output_dir: str) -> None:
     tmp = os.path.join(output_dir, f".tmp-final-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(tmp)
+    if not trainer.accelerator.is_main_process:
+        return
     names = sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json")
     for name in names:
         os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def training_window(max_length: Optional[int], context_length: int) -> int:
+    """Tokens per training sequence: the target context unless `max_length` says otherwise (never trl's 1024)."""
+    if max_length is None:
+        return context_length
+    if max_length > context_length:
+        raise ValueError(
+            f"`max_length`={max_length} is longer than the extended window `context_length`={context_length}: "
+            "positions past it were never interpolated. Raise `context_length` or lower `max_length`."
+        )
+    if max_length < context_length:
+        logger.warning("`max_length`=%d trains shorter sequences than the %d-token target", max_length, context_length)
+    return max_length
+
+
 def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_args: PIModelConfig, pi_args):
+    """Load the data and the (4-bit) base, train a PI adapter with `SFTTrainer`, save it (and push it)."""
     from transformers import AutoConfig, AutoTokenizer
     from trl import SFTTrainer
 
@@ -241,8 +258,7 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
     # PI settings, resolved against the base model's window
     base_config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     peft_config = make_pi_config(model_args, pi_args, base_config)
-    if training_args.max_length is None:
-        training_args.max_length = peft_config.context_length  # never trl's silent 1024-token default
+    training_args.max_length = training_window(training_args.max_length, peft_config.context_length)
 
     # Data: documents packed into full windows, or SFT data passed to trl
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)

@@ -100,6 +100,14 @@ def test_recipe_script_qlora_end_to_end(assets, tmp_path, monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-2)  # peft runs the bf16-trained adapters in fp32
 
 
+def test_max_length_defaults_to_the_target_and_cannot_exceed_it():
+    from pi_peft.train import training_window
+
+    assert training_window(None, 16384) == 16384 and training_window(4096, 16384) == 4096
+    with pytest.raises(ValueError, match="`max_length`=32768 is longer than the extended window"):
+        training_window(32768, 16384)
+
+
 def test_qlora_needs_bf16_compute(assets, tmp_path):
     with pytest.raises(ValueError, match="`dtype`='float32' with `load_in_4bit`"):
         cli_main(_argv(assets, tmp_path / "out", "--load_in_4bit"))
