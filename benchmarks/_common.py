@@ -341,17 +341,22 @@ def fit_growth(contexts: list[int], values: list[float]) -> dict[str, Any]:
     `quadratic_share` is the part of the growth from the smallest to the largest T that the T^2 term explains. The
     growth is called linear when it is below 10 % in size, quadratic when above, concave when below -10 % (noise, or a
     constant-size block that is already reached at small T), flat when it does not grow. `exponent` is the log-log
-    slope of `value - c0` between the two largest contexts (1 for linear, 2 for quadratic growth). With fewer than 3
-    contexts only a line is fitted."""
+    slope of `value - c0` between the two largest contexts (1 for linear, 2 for quadratic growth), `interval_slopes`
+    the bytes per token between consecutive contexts (constant for linear growth, rising with T for quadratic). With
+    fewer than 3 contexts only a line is fitted."""
     import numpy as np
 
     T = np.asarray(contexts, dtype=float)
     y = np.asarray(values, dtype=float)
     if len(T) < 2:
-        return dict(bytes_per_token_linear=None, intercept_linear=None, quadratic_share=None, exponent=None,
-                    verdict="untested (1 point)")  # fmt: skip
+        return dict(bytes_per_token_linear=None, intercept_linear=None, interval_slopes=[], quadratic_share=None,
+                    exponent=None, verdict="untested (1 point)")  # fmt: skip
     lin = np.polyfit(T, y, 1)  # [c1, c0]
-    out: dict[str, Any] = dict(bytes_per_token_linear=float(lin[0]), intercept_linear=float(lin[1]))
+    order = np.argsort(T)
+    slopes = np.diff(y[order]) / np.diff(T[order])  # bytes per token between consecutive contexts
+    out: dict[str, Any] = dict(
+        bytes_per_token_linear=float(lin[0]), intercept_linear=float(lin[1]), interval_slopes=slopes.tolist()
+    )
     if len(T) < 3:
         out.update(quadratic_share=None, exponent=None, verdict="untested (2 points)")
         return out
@@ -360,7 +365,6 @@ def fit_growth(contexts: list[int], values: list[float]) -> dict[str, Any]:
     growth_quad = c2 * (hi**2 - lo**2)
     growth_total = c1 * (hi - lo) + growth_quad
     share = float(growth_quad / growth_total) if growth_total > 0 else float("nan")
-    order = np.argsort(T)
     t1, t2 = T[order[-2]], T[order[-1]]
     y1, y2 = y[order[-2]] - c0, y[order[-1]] - c0
     exponent = float(np.log(y2 / y1) / np.log(t2 / t1)) if y1 > 0 and y2 > 0 else float("nan")

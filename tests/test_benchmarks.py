@@ -110,6 +110,11 @@ def test_pi_overhead_smoke(tmp_path, capsys):
     assert result["rope_parameters"]["lora"]["rope_type"] == "default"
     assert result["rope_parameters"]["pi"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     assert summary["min_ratio"] <= summary["median_ratio"] <= summary["max_ratio"]
+    lo, hi = summary["median_ratio_ci95"]
+    assert summary["min_ratio"] <= lo <= summary["median_ratio"] <= hi <= summary["max_ratio"]
+    # PI only rescales the rotary frequencies: a step does exactly the same arithmetic
+    assert result["flops"]["pi"] == result["flops"]["lora"] > 0
+    assert summary["verdict"] in ("met", "MISSED") or summary["verdict"].startswith("inconclusive")
     assert "target PI overhead <= 2%" in capsys.readouterr().out
 
 
