@@ -8,8 +8,9 @@
 3. Extend it to ``4L`` four ways, all through pi_peft's own code path:
    ``extrapolation`` (the base as is), ``pi`` (``get_peft_model(base, PIConfig(scaling_factor=4))``, no training),
    ``direct-ft`` (the same LoRA + embeddings + norms adapter with ``scaling_factor=1``, i.e. no PI, fine-tuned at
-   ``4L``) and ``pi-ft`` (PI + LoRA + embeddings + norms, fine-tuned at ``4L``). Both fine-tunings use the same data
-   (held-out from nothing: the same train stream, no passkey documents, as in the paper), steps and learning rate.
+   ``4L``) and ``pi-ft`` (PI + LoRA + embeddings + norms, fine-tuned at ``4L``). Both fine-tunings get the same batches
+   (``4L`` crops of the training code; half of the rows start with a passkey document of at most ``L`` tokens, a
+   replay of the pretraining mix, so that no model is ever trained to retrieve past ``L``), steps and learning rate.
 4. Evaluate: perplexity (sliding window) at ``L``, ``2L``, ``4L`` on held-out files; passkey accuracy on a grid of
    lengths x needle depths, and ``k_max``. Prints the table and writes into ``--output-dir``:
    ``demo.json`` (settings, timings, every number), ``demo.md`` (the table), and the evaluation files of
@@ -51,18 +52,18 @@ class DemoConfig:
     vocab_size: int = 1024
     corpus_chars: int = 3_000_000
     heldout_every: int = 10  # every 10th file is held out for perplexity
-    pretrain_steps: int = 700
+    pretrain_steps: int = 1000
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-3
-    passkey_fraction: float = 0.25  # of pretraining rows that start with a passkey document
+    passkey_fraction: float = 0.5  # of pretraining rows that start with a passkey document
     finetune_steps: int = 120
     finetune_batch: int = 4  # 4 x 4L tokens = pretraining tokens per step
     finetune_lr: float = 1e-3
-    finetune_passkey_fraction: float = 0.0  # the paper fine-tunes on plain text
+    finetune_passkey_fraction: float = 0.5  # replay of the pretraining mix: passkey documents of at most L tokens
     lora_r: int = 16
     ppl_tokens: int = 16384  # held-out tokens scored at each length
     ppl_stride: int = 64
-    passkey_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    passkey_depths: tuple = (0.0, 0.25, 0.5, 0.75)  # 1.0 (needle next to the question) tests no long context
     passkey_trials: int = 4
     passkey_step: int = 64  # passkey lengths L, L + step, ..., factor * L
     seed: int = 0
@@ -127,11 +128,20 @@ def passkey_document(tokenizer, rng: random.Random, max_tokens: int) -> list[int
     return tokenizer(prompt + answer)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def make_batch(stream: list[int], tokenizer, rng: random.Random, batch: int, length: int, passkey_fraction: float):
-    """``(batch, length)`` ids: random crops of ``stream``; some rows start with a passkey document."""
+def make_batch(
+    stream: list[int],
+    tokenizer,
+    rng: random.Random,
+    batch: int,
+    length: int,
+    passkey_fraction: float,
+    passkey_max: int,
+):
+    """``(batch, length)`` ids: random crops of ``stream``; a share of rows starts with a passkey document of at most
+    ``passkey_max`` tokens (the pretraining window, also when fine-tuning: no model is taught retrieval past L)."""
     rows = []
     for _ in range(batch):
-        row = passkey_document(tokenizer, rng, length) if rng.random() < passkey_fraction else []
+        row = passkey_document(tokenizer, rng, passkey_max) if rng.random() < passkey_fraction else []
         start = rng.randrange(0, len(stream) - length)
         rows.append((row + stream[start : start + length])[:length])
     return torch.tensor(rows, dtype=torch.long)
@@ -227,38 +237,31 @@ def claims(results: dict, cfg: DemoConfig) -> dict[str, bool]:
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
-def run_demo(cfg: DemoConfig, output_dir: str) -> dict:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from .evaluation.passkey import evaluate_passkey
-    from .evaluation.perplexity import perplexity_by_length
-    from .evaluation.report import write_passkey_report, write_ppl_report
+def prepare_data(cfg: DemoConfig, rng: random.Random) -> dict:
+    """Tokenizer (trained on the pretraining mix), the training token stream and the held-out stream."""
+    from .evaluation.passkey import build_prompt, random_key
     from .tiny import train_tokenizer
-
-    t0 = time.time()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    timings: dict[str, float] = {}
 
     texts = stdlib_files(cfg.corpus_chars, cfg.seed)
     train_texts = [t for i, t in enumerate(texts) if i % cfg.heldout_every]
     heldout_texts = [t for i, t in enumerate(texts) if i % cfg.heldout_every == 0]
-    from .evaluation.passkey import build_prompt, random_key
-
-    # the tokenizer sees the pretraining mix: code plus passkey prompts (about a quarter of the characters)
+    # the tokenizer sees the pretraining mix: code plus passkey prompts in the same share of characters
     n_samples = int(cfg.passkey_fraction * sum(map(len, train_texts)) / 600)
     samples = [build_prompt(random_key(rng), rng.randint(0, 20), rng.randint(0, 20)) for _ in range(n_samples)]
     tokenizer = train_tokenizer(train_texts + samples, vocab_size=cfg.vocab_size)
-    eos = tokenizer.eos_token_id
 
     def stream_of(docs):
-        return [t for ids in tokenizer(docs)["input_ids"] for t in ids + [eos]]
+        return [t for ids in tokenizer(docs)["input_ids"] for t in ids + [tokenizer.eos_token_id]]
 
-    train_stream, heldout = stream_of(train_texts), stream_of(heldout_texts)[: cfg.ppl_tokens + cfg.target_length]
-    timings["data"] = time.time() - t0
+    heldout = stream_of(heldout_texts)[: cfg.ppl_tokens + cfg.target_length]
+    return {"tokenizer": tokenizer, "train": stream_of(train_texts), "heldout": heldout}
 
-    L, T = cfg.context_length, cfg.target_length
+
+def pretrain(cfg: DemoConfig, data: dict, rng: random.Random):
+    """A small Llama trained from scratch at window L on the pretraining mix; returns ``(model, losses)``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer, L = data["tokenizer"], cfg.context_length
     model_config = LlamaConfig(
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -269,56 +272,91 @@ def run_demo(cfg: DemoConfig, output_dir: str) -> dict:
         max_position_embeddings=L,
         rope_theta=cfg.rope_theta,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(cfg.seed)
     base = AutoModelForCausalLM.from_config(model_config)
-    n_params = sum(p.numel() for p in base.parameters())
-    t = time.time()
-    pre_losses = train(
+    losses = train(
         base,
-        lambda: make_batch(train_stream, tokenizer, rng, cfg.pretrain_batch, L, cfg.passkey_fraction),
+        lambda: make_batch(data["train"], tokenizer, rng, cfg.pretrain_batch, L, cfg.passkey_fraction, L),
         cfg.pretrain_steps,
         cfg.pretrain_lr,
         f"pretrain @ {L}",
     )
-    timings["pretrain"] = time.time() - t
+    return base, losses
 
+
+def extend(cfg: DemoConfig, data: dict, base, timings: dict) -> tuple[dict, dict]:
+    """The four ways to 4L: ``{name: model}`` and the fine-tuning losses of ``direct-ft`` and ``pi-ft``."""
     models = {"extrapolation": base, "pi": pi_adapter(base, cfg, cfg.factor)}
-    ft_losses = {}
+    losses = {}
     for name, factor in (("direct-ft", 1.0), ("pi-ft", float(cfg.factor))):
         torch.manual_seed(cfg.seed + 1)
-        ft_rng = random.Random(cfg.seed + 1)  # same batches for both
+        ft_rng = random.Random(cfg.seed + 1)  # the same batches for both
         model = pi_adapter(base, cfg, factor)
         t = time.time()
-        ft_losses[name] = train(
+        losses[name] = train(
             model,
             lambda r=ft_rng: make_batch(
-                train_stream, tokenizer, r, cfg.finetune_batch, T, cfg.finetune_passkey_fraction
+                data["train"],
+                data["tokenizer"],
+                r,
+                cfg.finetune_batch,
+                cfg.target_length,
+                cfg.finetune_passkey_fraction,
+                cfg.context_length,
             ),
             cfg.finetune_steps,
             cfg.finetune_lr,
-            f"fine-tune {name} @ {T}",
+            f"fine-tune {name} @ {cfg.target_length}",
         )
         timings[f"finetune {name}"] = time.time() - t
         models[name] = model
+    return models, losses
 
+
+def evaluate_models(cfg: DemoConfig, data: dict, models: dict, timings: dict) -> tuple[dict, dict, dict]:
+    """Perplexity at L, 2L, 4L and the passkey grid for every model."""
+    from .evaluation.passkey import evaluate_passkey
+    from .evaluation.perplexity import perplexity_by_length
+
+    L, T = cfg.context_length, cfg.target_length
     results, ppl_all, pk_all = {}, {}, {}
     for name, model in models.items():
         t = time.time()
-        ppl = perplexity_by_length(model, [heldout], [L, 2 * L, T], stride=cfg.ppl_stride, batch_size=8)
+        ppl = perplexity_by_length(model, [data["heldout"]], [L, 2 * L, T], stride=cfg.ppl_stride, batch_size=8)
         pk = evaluate_passkey(
-            model, tokenizer, cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_trials, seed=cfg.seed + 2
+            model, data["tokenizer"], cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_trials, seed=cfg.seed + 2
         )
         timings[f"eval {name}"] = time.time() - t
         ppl_all[name] = [p.to_dict() for p in ppl]
         pk_all[name] = pk.to_dict()
         results[name] = {"ppl": ppl_all[name], "passkey": {k: v for k, v in pk_all[name].items() if k != "records"}}
         print(f"{name}: ppl {[round(p.ppl, 2) for p in ppl]}, passkey {pk.accuracy_by_length}, k_max {pk.k_max}")
+    return results, ppl_all, pk_all
 
+
+def run_demo(cfg: DemoConfig, output_dir: str) -> dict:
+    from .evaluation.report import atomic_write_text, write_passkey_report, write_ppl_report
+
+    t0 = time.time()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    timings: dict[str, float] = {}
+    data = prepare_data(cfg, rng)
+    timings["data"] = time.time() - t0
+    t = time.time()
+    base, pre_losses = pretrain(cfg, data, rng)
+    timings["pretrain"] = time.time() - t
+    models, ft_losses = extend(cfg, data, base, timings)
+    results, ppl_all, pk_all = evaluate_models(cfg, data, models, timings)
     checks = claims(results, cfg)
     timings["total"] = time.time() - t0
+
+    L, T = cfg.context_length, cfg.target_length
+    n_params = sum(p.numel() for p in base.parameters())
     summary = {
         "settings": {**asdict(cfg), "passkey_lengths": cfg.passkey_lengths, "target_length": T},
         "model_parameters": n_params,
@@ -329,23 +367,18 @@ def run_demo(cfg: DemoConfig, output_dir: str) -> dict:
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "torch_threads": torch.get_num_threads(),
     }
-    table = demo_table(results, cfg)
-    depth = depth_table(results, cfg)
     claim_lines = "\n".join(f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items())
     markdown = (
         f"Pretrained at L={L} ({n_params / 1e6:.2f}M parameters), extended to {T} "
         f"({cfg.finetune_steps} fine-tuning steps each for direct-ft and pi-ft). "
         f"Wall time {timings['total']:.0f} s on {torch.get_num_threads()} threads.\n\n"
-        f"{table}\n\n{depth}\n\nPaper's claims on this run:\n\n{claim_lines}\n"
+        f"{demo_table(results, cfg)}\n\n{depth_table(results, cfg)}\n\nPaper's claims on this run:\n\n{claim_lines}\n"
     )
     os.makedirs(output_dir, exist_ok=True)
-    from .evaluation.report import atomic_write_text
-
     atomic_write_text(os.path.join(output_dir, "demo.json"), json.dumps(summary, indent=2) + "\n")
     atomic_write_text(os.path.join(output_dir, "demo.md"), markdown)
-    write_ppl_report(
-        output_dir, {n: {"model": n, "results": v} for n, v in ppl_all.items()}, {"stride": cfg.ppl_stride}
-    )
+    ppl_models = {n: {"model": n, "results": v} for n, v in ppl_all.items()}
+    write_ppl_report(output_dir, ppl_models, {"stride": cfg.ppl_stride, "tokens": cfg.ppl_tokens})
     write_passkey_report(output_dir, {n: {"model": n, **v} for n, v in pk_all.items()}, {"seed": cfg.seed + 2})
     print()
     print(markdown)
