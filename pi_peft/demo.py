@@ -33,7 +33,7 @@ import os
 import random
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -68,7 +68,6 @@ class DemoConfig:
     passkey_step: int = 64  # passkey lengths L, L + step, ..., factor * L
     seed: int = 0
     threads: int = 2
-    extra: dict = field(default_factory=dict)
 
     @property
     def target_length(self) -> int:

@@ -193,10 +193,7 @@ def evaluate_passkey(
             )
     model.train(was_training)
     accuracy = [
-        [
-            sum(r["correct"] for r in records if r["length"] == n and r["depth"] == d) / trials
-            for d in depths  # noqa: B023
-        ]
+        [sum(r["correct"] for r in records if r["length"] == n and r["depth"] == d) / trials for d in depths]
         for n in lengths
     ]
     by_length = {n: sum(row) / len(row) for n, row in zip(lengths, accuracy)}
