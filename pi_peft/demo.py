@@ -60,6 +60,7 @@ class DemoConfig:
     finetune_batch: int = 4  # 4 x 4L tokens = pretraining tokens per step
     finetune_lr: float = 1e-3
     finetune_passkey_fraction: float = 0.5  # replay of the pretraining mix: passkey documents of at most L tokens
+    finetune_passkey_max_tokens: int = 0  # 0: L (never teach retrieval past L); 4L teaches it directly
     lora_r: int = 16
     ppl_tokens: int = 16384  # held-out tokens scored at each length
     ppl_stride: int = 64
@@ -304,7 +305,7 @@ def extend(cfg: DemoConfig, data: dict, base, timings: dict) -> tuple[dict, dict
                 cfg.finetune_batch,
                 cfg.target_length,
                 cfg.finetune_passkey_fraction,
-                cfg.context_length,
+                cfg.finetune_passkey_max_tokens or cfg.context_length,
             ),
             cfg.finetune_steps,
             cfg.finetune_lr,
