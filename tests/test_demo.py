@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from pi_peft.demo import DEMO_MODELS, QUICK, DemoConfig, cli_main
 
@@ -9,7 +10,11 @@ from pi_peft.demo import DEMO_MODELS, QUICK, DemoConfig, cli_main
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-quick")
-    assert cli_main(["--quick", "--output-dir", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:  # one thread: the quick model is too small to gain from two, and a shared CI core costs 2 threads dearly
+        assert cli_main(["--quick", "--threads", "1", "--output-dir", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out, json.loads((out / "demo.json").read_text())
 
 
