@@ -8,15 +8,18 @@ Run one configuration by hand (prints one JSON line):
 Memory is measured inside the worker process:
 
 - `idle_rss`: resident set size after the imports (torch, transformers, peft, pi_peft), before the model is built.
-- `peak_rss`: the kernel's high-water mark of the resident set (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, the
-  same number as `VmHWM` in `/proc/self/status`) over the process: model build and the first training step, or, with
-  `steps > 0`, over the further steps only (the mark is reset after the first step via `/proc/self/clear_refs`).
+- `peak_rss`: the kernel's high-water mark of the resident set (`VmHWM` in `/proc/self/status`) over the process:
+  model build and the first training step, or, with `steps > 0`, over the further steps only (the mark is reset
+  after the first step via `/proc/self/clear_refs`). `ru_maxrss` is recorded beside it; it is not used because Linux
+  carries it across `exec` from the parent.
 - `step_rss = peak_rss - idle_rss`: what the model, the optimizer and the step added on top of the imports.
 - `torch_peak`: the peak of live CPU tensor allocations (bytes) from model creation through the end of the first
   training step, replayed from `torch.profiler`'s memory events (`profile_memory=True`); the closest CPU analogue of
   `torch.cuda.max_memory_allocated`.
 - `step_time`: the wall time of the first step (profiled; the profiler's per-op bookkeeping is small next to steps of
-  seconds), or the median of the further `steps`.
+  seconds), or the median of the further `steps`; `cpu_time` the CPU time of the process (all threads) over the same
+  step(s). On a machine shared with other jobs, `tokens_per_cpu_s` (tokens / CPU seconds) is the steadier speed:
+  waiting for a core does not count in it.
 """
 
 from __future__ import annotations
@@ -220,8 +223,16 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """High-water mark of this process's resident set, in bytes."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """High-water mark of this process's resident set (`VmHWM`), in bytes.
+
+    Not `getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries that one across `exec`, so a worker would report its
+    parent's RSS at spawn time whenever its own peak is lower. `VmHWM` belongs to the address space created by `exec`.
+    """
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no procfs: the best available
 
 
 def reset_peak_rss() -> bool:
@@ -274,28 +285,29 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         with profiler(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model, loss_fn = build(spec["config"], dims, T, seed, spec.get("loss_kwargs"))
             optimizer = make_optimizer(model)
-            step_start = time.perf_counter()
+            step_start, cpu_start = time.perf_counter(), time.process_time()
             losses = [train_step(model, loss_fn, optimizer, ids)]
-            times = [time.perf_counter() - step_start]
+            times, cpu_times = [time.perf_counter() - step_start], [time.process_time() - cpu_start]
         alloc_peak, _ = torch_alloc_peak(prof)
         del prof
     else:
         model, loss_fn = build(spec["config"], dims, T, seed, spec.get("loss_kwargs"))
         optimizer = make_optimizer(model)
-        step_start = time.perf_counter()
+        step_start, cpu_start = time.perf_counter(), time.process_time()
         losses = [train_step(model, loss_fn, optimizer, ids)]
-        times = [time.perf_counter() - step_start]
+        times, cpu_times = [time.perf_counter() - step_start], [time.process_time() - cpu_start]
         alloc_peak = None
     build_time = step_start - start
     reset = False
     if steps > 0:  # further steps, timed without the profiler, with the RSS high-water mark reset
         gc.collect()
         reset = reset_peak_rss()
-        times, losses = [], losses
+        times, cpu_times = [], []
         for _ in range(steps):
-            step_start = time.perf_counter()
+            step_start, cpu_start = time.perf_counter(), time.process_time()
             losses.append(train_step(model, loss_fn, optimizer, ids))
             times.append(time.perf_counter() - step_start)
+            cpu_times.append(time.process_time() - cpu_start)
     peak = peak_rss()
     step_time = statistics.median(times)
     return dict(
@@ -307,12 +319,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         batch_size=B,
         idle_rss=idle,
         peak_rss=peak,
+        ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         step_rss=peak - idle,
         peak_rss_reset=reset,
         torch_peak=alloc_peak,
         build_time=build_time,
         step_times=times,
         step_time=step_time,
+        cpu_time=statistics.median(cpu_times),
+        tokens_per_cpu_s=B * T / statistics.median(cpu_times),
         timed_steps="first (profiled)" if steps == 0 else f"{steps} after the first",
         tokens_per_s=B * T / step_time,
         losses=losses,

@@ -39,6 +39,7 @@ from _common import (
 DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384]
 TARGET_RATIO, TARGET_RANGE = 0.35, (8192, 16384)
 METRICS = ("peak_rss", "step_rss", "torch_peak")
+SPEEDS = ("tokens_per_s", "tokens_per_cpu_s")
 METRIC_HELP = {
     "peak_rss": "peak RSS of the process",
     "step_rss": "peak RSS minus the idle RSS after imports",
@@ -85,10 +86,9 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any] | 
 def label_of(name: str, runs: list[dict[str, Any]]) -> str:
     if name == "plain":
         return "(a) plain"
-    if name == "pi_peft":
-        return "(b) pi_peft"
     kwargs = next(r["loss_kwargs"] for r in runs if r["label"] == name)
-    return "(b') pi_peft, loss " + ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    loss = ", loss " + ", ".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else ""
+    return ("(b) pi_peft" if name == "pi_peft" else "(b') pi_peft") + loss
 
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -129,7 +129,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if "plain" in table:
         for name in others:
             ratios[name] = {
-                T: {m: ratio(table[name][T][m], table["plain"][T][m]) for m in (*METRICS, "tokens_per_s")}
+                T: {m: ratio(table[name][T].get(m), table["plain"][T].get(m)) for m in (*METRICS, *SPEEDS)}
                 for T in contexts
                 if T in table[name] and T in table["plain"]
             }
@@ -161,7 +161,8 @@ def report(runs: list[dict[str, Any]], summary: dict[str, Any], info: dict[str, 
     lines = [f"machine: {machine_line(info)}", ""]
     for n in names:
         kwargs = next(r["loss_kwargs"] for r in runs if r["label"] == n)
-        text = CONFIG_HELP.get(n) or f"as (b), with `fused_causal_lm_loss(**{kwargs})`: a variant, not the defaults"
+        text = f"as (b), with `fused_causal_lm_loss(**{kwargs})`: a variant, not the defaults"
+        text = CONFIG_HELP[n] if n == "plain" or (n == "pi_peft" and not kwargs) else text
         lines.append(f"- {label[n]}: {text}")
     for metric in METRICS:
         lines += ["", f"{METRIC_HELP[metric]} (MiB):", ""]
@@ -172,16 +173,16 @@ def report(runs: list[dict[str, Any]], summary: dict[str, Any], info: dict[str, 
             row += [fmt_ratio(summary["ratios"][n].get(T, {}).get(metric)) for n in others if n in summary["ratios"]]
             rows.append(row)
         lines.append(markdown_table(headers, rows))
-    lines += ["", f"Speed, tokens/s (timed: {runs[0]['timed_steps']} step):", ""]
-    headers = ["T"] + [label[n] for n in names] + [f"{short[n]} / (a)" for n in others if n in summary["ratios"]]
-    rows = []
-    for T in summary["contexts"]:
-        row = [T] + [f"{table[n][T]['tokens_per_s']:.0f}" if T in table[n] else "n/a" for n in names]
-        row += [
-            fmt_ratio(summary["ratios"][n].get(T, {}).get("tokens_per_s")) for n in others if n in summary["ratios"]
-        ]
-        rows.append(row)
-    lines += [markdown_table(headers, rows), ""]
+    for key, title in (("tokens_per_s", "tokens / wall-clock second"), ("tokens_per_cpu_s", "tokens / CPU second")):
+        lines += ["", f"Speed, {title} (timed: {runs[0]['timed_steps']} step):", ""]
+        headers = ["T"] + [label[n] for n in names] + [f"{short[n]} / (a)" for n in others if n in summary["ratios"]]
+        rows = []
+        for T in summary["contexts"]:
+            row = [T] + [f"{table[n][T][key]:.0f}" if table[n].get(T, {}).get(key) else "n/a" for n in names]
+            row += [fmt_ratio(summary["ratios"][n].get(T, {}).get(key)) for n in others if n in summary["ratios"]]
+            rows.append(row)
+        lines.append(markdown_table(headers, rows))
+    lines.append("")
     lines += ["Growth of memory with T (least-squares c0 + c1 T + c2 T^2):", ""]
     headers = [
         "config",

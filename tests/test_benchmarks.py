@@ -57,7 +57,7 @@ def test_memory_vs_context_summary_ratios_are_b_over_a(mvc):
     _, payload = mvc
     runs = {r["label"]: r for r in payload["runs"]}
     ratios = payload["summary"]["ratios"]["pi_peft"][str(SMOKE_T)]
-    for m in ("peak_rss", "step_rss", "torch_peak", "tokens_per_s"):
+    for m in ("peak_rss", "step_rss", "torch_peak", "tokens_per_s", "tokens_per_cpu_s"):
         assert ratios[m] == pytest.approx(runs["pi_peft"][m] / runs["plain"][m])
     assert payload["machine"]["cores"] == os.cpu_count() and payload["machine"]["torch"] == torch.__version__
 
@@ -65,8 +65,10 @@ def test_memory_vs_context_summary_ratios_are_b_over_a(mvc):
 def test_memory_vs_context_report_has_every_table(mvc, capsys):
     _, payload = mvc
     text = memory_vs_context.report(payload["runs"], payload["summary"], payload["machine"])
-    for needle in ("peak RSS of the process", "peak RSS minus the idle RSS", "peak of live torch CPU allocations",
-                   "tokens/s", "(b) / (a)", "Growth of memory", "(a) plain", "(b) pi_peft"):  # fmt: skip
+    needles = ["peak RSS of the process", "peak RSS minus the idle RSS", "peak of live torch CPU allocations",
+               "tokens / wall-clock second", "tokens / CPU second", "(b) / (a)", "Growth of memory", "(a) plain",
+               "(b) pi_peft"]  # fmt: skip
+    for needle in needles:
         assert needle in text
 
 
