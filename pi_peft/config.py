@@ -150,7 +150,8 @@ class PIConfig(LoraConfig):
     def resolve_context(self, original_context_length: int) -> "PIConfig":
         """Fill in `original_context_length`, `scaling_factor` and `context_length` from the base window L."""
         length = self.original_context_length or original_context_length
-        if self.context_length is not None and self.context_length <= length:
+        is_noop = self.scaling_factor == 1 and self.context_length in (None, length)
+        if self.context_length is not None and self.context_length <= length and not is_noop:
             raise ValueError(
                 f"`context_length`={self.context_length} must be larger than the original window "
                 f"(`original_context_length`={length}); Position Interpolation extends the context."

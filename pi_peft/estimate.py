@@ -167,7 +167,7 @@ def estimate_memory(
     dtype_bytes: int = 2,
     attention: str = "sdpa",
     loss: str = "fused",
-    loss_chunk_tokens: int = 4096,
+    loss_chunk_tokens: int = 1024,  # = pi_peft.memory.DEFAULT_CHUNK_TOKENS (tested)
     activation_offloading: bool = False,
     device: str = "cuda",
 ) -> MemoryEstimate:

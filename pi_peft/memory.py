@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 LOSS_BACKENDS = ("auto", "liger", "cce", "trl", "chunked")
-DEFAULT_CHUNK_TOKENS = 4096
+DEFAULT_CHUNK_TOKENS = 1024  # rows per chunk: one (1024, V) fp32 block, ~125 MiB at a 32k vocabulary
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------
@@ -125,7 +125,10 @@ def activation_offload(model: nn.Module):
 
 # ---- loss --------------------------------------------------------------------------------------------------------
 def available_loss_backends(device: Optional[torch.device] = None) -> list[str]:
-    """Loss backends usable on `device`, best first (liger and cut-cross-entropy need CUDA + Triton)."""
+    """Loss backends usable on `device`, best first (liger and cut-cross-entropy need CUDA + Triton).
+
+    Off CUDA, trl's kernel falls back to a path that keeps about eight fp32 `(4096, vocab)` tiles alive (~4 GiB at a
+    32k vocabulary, measured by `benchmarks/memory_vs_context.py`), so there the own chunked loss comes first."""
     on_cuda = device is not None and torch.device(device).type == "cuda"
     names = []
     if on_cuda and importlib.util.find_spec("liger_kernel") is not None:
@@ -138,7 +141,7 @@ def available_loss_backends(device: Optional[torch.device] = None) -> list[str]:
         names.append("trl")
     except ImportError:
         pass
-    names.append("chunked")
+    names.insert(len(names) if on_cuda else 0, "chunked")
     return names
 
 

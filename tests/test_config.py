@@ -31,6 +31,14 @@ def test_lengths_are_derived_from_each_other():
     assert (config.original_context_length, config.scaling_factor, config.context_length) == (4096, 4.0, 16384)
 
 
+def test_scaling_factor_one_resolves_to_the_original_window_and_stays_valid():
+    config = PIConfig(scaling_factor=1.0, original_context_length=4096)
+    assert config.context_length == 4096
+    assert config.resolve_context(4096).context_length == 4096  # resolving again (e.g. in PIModel) is fine
+    with pytest.raises(ValueError, match="`context_length`=4096 must be larger"):
+        PIConfig(context_length=4096, original_context_length=4096)
+
+
 def test_lora_options_pass_through():
     config = make(r=16, lora_alpha=32, lora_dropout=0.05, use_rslora=True, target_modules="all-linear")
     assert (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora) == (16, 32, 0.05, True)

@@ -85,3 +85,12 @@ def test_estimate_matches_measured_cpu_peak_rss():
         assert 0.75 < measured[T] / estimated[T] < 1.25, (T, measured[T], estimated[T])
     growth = (measured[8192] - measured[2048]) / (estimated[8192] - estimated[2048])
     assert 0.7 < growth < 1.3, growth
+
+
+def test_estimator_chunk_default_matches_the_loss_default():
+    import inspect
+
+    from pi_peft.estimate import estimate_memory
+    from pi_peft.memory import DEFAULT_CHUNK_TOKENS
+
+    assert inspect.signature(estimate_memory).parameters["loss_chunk_tokens"].default == DEFAULT_CHUNK_TOKENS
