@@ -73,7 +73,7 @@ CONFIG_HELP = {
     "no gradient checkpointing",
     "pi_peft": "pi_peft's recipe defaults: `PIConfig` from `pi_peft.train.make_pi_config` with the recipe's "
     "default arguments, `attn_implementation()`, `apply_memory_savers` (non-reentrant gradient checkpointing), "
-    "`fused_causal_lm_loss` (no full logits; on CPU its `auto` backend is trl's chunked kernel, as in SFTTrainer)",
+    "`fused_causal_lm_loss` (no full logits; on CPU its `auto` backend is pi_peft's own chunked loss)",
     "lora": "plain LoRA (`LoraConfig`), original RoPE, default loss",
     "pi": "PI + LoRA (`PIConfig`, same LoRA settings as `lora`), default loss",
 }

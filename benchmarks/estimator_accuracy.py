@@ -7,8 +7,8 @@ context. The measurements are on CPU. This script maps one onto the other as fol
 
 - the estimate is taken with `device="cpu"` (no CUDA overhead) and `dtype_bytes=4` (the CPU runs are fp32), with the
   measured run's settings: LoRA rank and LongLoRA switches from the run, batch size, SDPA attention, and for (b)
-  gradient checkpointing + `loss="fused"` (trl's kernel, what the `auto` loss backend runs), for (b') `loss="chunked"`
-  with its `chunk_tokens`, for (a) neither (`gradient_checkpointing=False`, `loss="full"`);
+  gradient checkpointing + the loss its `auto` backend ran (`loss="chunked"` on CPU, `"fused"` for trl's kernel), for
+  (b') `loss="chunked"` with its `chunk_tokens`, for (a) neither (`gradient_checkpointing=False`, `loss="full"`);
 - it is compared with two measured numbers of the same subprocess:
   `torch_peak`, the peak of live torch CPU allocations (the CPU analogue of `max_memory_allocated`), and
   `step_rss`, the peak RSS minus the RSS of the same process after its imports and before the model was built (what
@@ -64,7 +64,11 @@ def estimate_for(run: dict[str, Any]):
     plain = run["config"] == "plain"
     lora = run["lora"]
     backend = (run.get("loss_kwargs") or {}).get("backend", "auto")
-    loss = "full" if plain else ("chunked" if backend == "chunked" else "fused")  # auto / trl on CPU: trl's kernel
+    if backend == "auto":  # what `fused_causal_lm_loss` picked on this CPU
+        from pi_peft.memory import available_loss_backends
+
+        backend = available_loss_backends("cpu")[0]
+    loss = "full" if plain else ("chunked" if backend == "chunked" else "fused")
     chunk = (run.get("loss_kwargs") or {}).get("chunk_tokens")
     extra = {"loss_chunk_tokens": chunk} if loss == "chunked" and chunk else {}
     return estimate_memory(
