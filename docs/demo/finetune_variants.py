@@ -1,4 +1,4 @@
-"""Fine-tuning variants of ``pi-peft demo`` on one pretrained base (the runs I1-I5 of ``EXPERIMENTS.md``).
+"""Fine-tuning variants of ``pi-peft demo`` on one pretrained base (the runs I1-I6 of ``EXPERIMENTS.md``).
 
 The base is pretrained exactly as ``pi-peft demo`` does (same functions, same seeds) and cached, so that several
 fine-tuning settings can be compared without pretraining again. Arms: ``direct-ft`` and ``pi-ft`` as in the demo, and
