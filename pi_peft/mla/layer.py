@@ -1,0 +1,272 @@
+"""`MLAAttention`: a peft tuner layer that runs a model's attention as multi-head latent attention (MHA2MLA).
+
+Shapes: B batch, T new tokens, S cached + new tokens, D hidden size, H query heads, G key/value heads, g = H / G,
+d head_dim, r kept rotary dims per head (``rope_dims``), n = d - r no-RoPE dims, R ``kv_rank``.
+
+Per token the layer computes
+
+    c     = W_dkv x            (R,)        the latent: cached
+    k_pe  = RoPE(W_kr x)       (G, r)      kept rotary key dims: cached (rotated, as transformers caches keys)
+    k_nop = W_uk c             (G, n)      rebuilt from the latent
+    v     = W_uv c             (G, d)      rebuilt from the latent
+
+and queries split the same way (``q_pe`` rotated on the kept dims of their group, ``q_nop`` not rotated), so that
+``q . k = q_pe . k_pe + q_nop . k_nop``. The initial weights come from a joint SVD of the no-RoPE rows of ``W_k``
+and all of ``W_v`` (`joint_svd`): with every rotary dim kept and a full-rank latent the layer is the original one.
+
+Decoding one token at a time uses DeepSeek's absorption instead of rebuilding keys and values of the whole cache:
+``q_nop . (W_uk c) = (W_uk^T q_nop) . c`` and ``sum_s a_s W_uv c_s = W_uv (sum_s a_s c_s)``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .cache import check_cache_layer
+from .selection import nope_dims, pair_dims
+
+MLA_LAYER_NAMES = ("mla_kv_down", "mla_k_rope", "mla_k_up", "mla_v_up")
+
+
+def joint_svd(k_nope: torch.Tensor, v: torch.Tensor, kv_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``kv_rank`` factorisation of the stacked ``[W_k_nope; W_v]`` (fp32), singular values split evenly.
+
+    ``k_nope (Gn, D)``, ``v (Gd, D)`` -> ``down (R, D)``, ``k_up (Gn, R)``, ``v_up (Gd, R)`` with
+    ``[k_up; v_up] @ down`` the best rank-R approximation of the stack (exact when R = its rank).
+    """
+    stacked = torch.cat([k_nope, v], dim=0).float()  # (Gn + Gd, D)
+    u, s, vh = torch.linalg.svd(stacked, full_matrices=False)  # (rows, m), (m,), (m, D); m = min(rows, D)
+    root = s[:kv_rank].sqrt()  # (R,)
+    down = root[:, None] * vh[:kv_rank]  # (R, D)
+    up = u[:, :kv_rank] * root[None, :]  # (rows, R)
+    return down, up[: k_nope.shape[0]], up[k_nope.shape[0] :]
+
+
+def max_kv_rank(hidden_size: int, kv_heads: int, head_dim: int, rope_dims: int) -> int:
+    """The largest useful ``kv_rank``: the rank the stacked ``[W_k_nope; W_v]`` can have."""
+    return min(hidden_size, kv_heads * (head_dim - rope_dims) + kv_heads * head_dim)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' RoPE helper on the last dim: ``(a, b) -> (-b, a)``."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _gather_dims(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per-head selection of head dims: ``x (B, heads, T, d)``, ``index (heads, k) -> (B, heads, T, k)``."""
+    b, heads, t, _ = x.shape
+    return x.gather(-1, index[None, :, None, :].expand(b, heads, t, index.shape[-1]))
+
+
+def _per_head_table(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """cos/sin ``(B, T, d)`` at each head's dims ``index (heads, k)`` -> ``(B, heads, T, k)``."""
+    return table[:, :, index].permute(0, 2, 1, 3)
+
+
+class MLAAttention(nn.Module, BaseTunerLayer):
+    """Wraps one attention module (``base_layer``: Llama/Mistral/Qwen2-style, separate q/k/v projections) and runs it
+    as MLA while its adapter is active; disabled, it is the original attention. ``q_proj``/``o_proj`` stay inside
+    ``base_layer`` (LoRA may wrap them); ``k_proj``/``v_proj`` are not used while MLA is active.
+    """
+
+    adapter_layer_names = MLA_LAYER_NAMES
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, kv_rank: int, rope_dims: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.absorb = True  # absorbed decoding of single tokens; False rebuilds keys/values (tests compare both)
+
+        config = base_layer.config
+        self.head_dim = base_layer.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.kv_rank, self.rope_dims = kv_rank, rope_dims
+        self.nope_dims = self.head_dim - rope_dims
+        hidden = base_layer.q_proj.in_features
+        k_proj, v_proj = base_layer.k_proj, base_layer.v_proj
+        factory = {"device": k_proj.weight.device, "dtype": k_proj.weight.dtype}
+        kv, bias = self.num_kv_heads, k_proj.bias is not None
+        with warnings.catch_warnings():  # every rotary dim kept: no-RoPE projection of zero width
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            self._make_layers(adapter_name, hidden, kv_rank, rope_dims, kv, bias, v_proj.bias is not None, factory)
+        self.ready = False  # True once the kept pairs are known and the weights initialised (or loaded)
+
+    def _make_layers(self, adapter_name, hidden, kv_rank, rope_dims, kv, bias, v_bias, factory) -> None:
+        self.mla_kv_down = nn.ModuleDict({adapter_name: nn.Linear(hidden, kv_rank, bias=False, **factory)})
+        self.mla_k_rope = nn.ModuleDict({adapter_name: nn.Linear(hidden, kv * rope_dims, bias=bias, **factory)})
+        self.mla_k_up = nn.ModuleDict({adapter_name: nn.Linear(kv_rank, kv * self.nope_dims, bias=bias, **factory)})
+        self.mla_v_up = nn.ModuleDict({adapter_name: nn.Linear(kv_rank, kv * self.head_dim, bias=v_bias, **factory)})
+
+    # ---- conversion ------------------------------------------------------------------------------------------------
+    @property
+    def adapter_name(self) -> str:
+        return next(iter(self.mla_kv_down))
+
+    def set_pairs(self, pairs: torch.Tensor) -> None:
+        """Record the kept frequency pairs ``(G, r/2)`` and derive the per-head dim indices (not saved: the config is)."""
+        d, group = self.head_dim, self.num_heads // self.num_kv_heads
+        device = self.base_layer.q_proj.weight.device
+        k_rope, k_nope = pair_dims(pairs, d), nope_dims(pairs, d)  # (G, r), (G, n)
+        for name, index in (("k_rope_idx", k_rope), ("k_nope_idx", k_nope)):
+            self.register_buffer(name, index.to(device), persistent=False)
+            # query head h attends with kv head h // group, so it keeps that head's pairs
+            self.register_buffer(
+                name.replace("k_", "q_"), index.repeat_interleave(group, 0).to(device), persistent=False
+            )
+
+    @torch.no_grad()
+    def init_from_base(self, pairs: torch.Tensor) -> None:
+        """Set the kept pairs and initialise the MLA weights from ``k_proj``/``v_proj`` by the joint SVD."""
+        self.set_pairs(pairs)
+        name, attn = self.adapter_name, self.base_layer
+        g, d, hidden = self.num_kv_heads, self.head_dim, attn.q_proj.in_features
+        w_k = _linear_weight(attn.k_proj).float().view(g, d, hidden)
+        w_v = _linear_weight(attn.v_proj).float()
+        rope_rows = w_k.gather(1, self.k_rope_idx[:, :, None].expand(-1, -1, hidden)).reshape(-1, hidden)
+        nope_rows = w_k.gather(1, self.k_nope_idx[:, :, None].expand(-1, -1, hidden)).reshape(-1, hidden)
+        down, k_up, v_up = joint_svd(nope_rows, w_v, self.kv_rank)
+        self.mla_kv_down[name].weight.copy_(down)
+        self.mla_k_rope[name].weight.copy_(rope_rows)
+        self.mla_k_up[name].weight.copy_(k_up)
+        self.mla_v_up[name].weight.copy_(v_up)
+        if attn.k_proj.bias is not None:
+            b_k = attn.k_proj.bias.float().view(g, d)
+            self.mla_k_rope[name].bias.copy_(b_k.gather(1, self.k_rope_idx).flatten())
+            self.mla_k_up[name].bias.copy_(b_k.gather(1, self.k_nope_idx).flatten())
+        if attn.v_proj.bias is not None:
+            self.mla_v_up[name].bias.copy_(attn.v_proj.bias)
+        self.ready = True
+
+    # ---- peft ------------------------------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(
+            "An MLA adapter cannot be merged into the base model: partial RoPE (no rotation on the no-RoPE dims) and "
+            "the latent cache have no equivalent in a standard attention layer. Keep it as an adapter, or call "
+            "`unload()` to get the original model back."
+        )
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]):
+        if merge:
+            self.merge(safe_merge, adapter_names)
+        for parent in list(self.base_layer.modules()):  # LoRA layers inside the wrapped attention
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, BaseTunerLayer):
+                    setattr(parent, child_name, child.get_base_layer())
+        return self.base_layer
+
+    # ---- forward ---------------------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        name = self.adapter_name
+        if self.disable_adapters or name not in self.active_adapters:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        if not self.ready:
+            raise RuntimeError(
+                "This MLA adapter uses rope_selection='2-norm' and has not seen calibration data yet: call "
+                "`pi_peft.mla.initialize_mla_weights(model, batches)` after `get_peft_model` (or pick 'high', "
+                "'low' or 'uniform')."
+            )
+        if args:
+            raise TypeError(
+                "MLAAttention takes the attention inputs as keyword arguments, as transformers passes them."
+            )
+        attn = self.base_layer
+        position_embeddings = kwargs.pop("position_embeddings")
+        attention_mask = kwargs.pop("attention_mask", None)
+        cache = kwargs.pop("cache", None)
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        kwargs.pop("position_ids", None)
+        kwargs.pop("use_cache", None)
+        kwargs.pop("cache_position", None)
+
+        b, t, _ = hidden_states.shape
+        h, g, d, r = self.num_heads, self.num_kv_heads, self.head_dim, self.rope_dims
+        q = attn.q_proj(hidden_states).view(b, t, h, d).transpose(1, 2)  # (B, H, T, d)
+        q_pe, q_nope = _gather_dims(q, self.q_rope_idx), _gather_dims(q, self.q_nope_idx)  # (B,H,T,r), (B,H,T,n)
+        latent = self.mla_kv_down[name](hidden_states)  # (B, T, R)
+        k_pe = self.mla_k_rope[name](hidden_states).view(b, t, g, r).transpose(1, 2)  # (B, G, T, r)
+
+        cos, sin = position_embeddings  # (B, T, d) each, half-split layout
+        cos_q, sin_q = _per_head_table(cos, self.q_rope_idx), _per_head_table(sin, self.q_rope_idx)  # (B, H, T, r)
+        cos_k, sin_k = _per_head_table(cos, self.k_rope_idx), _per_head_table(sin, self.k_rope_idx)  # (B, G, T, r)
+        q_pe = q_pe * cos_q + rotate_half(q_pe) * sin_q
+        k_pe = k_pe * cos_k + rotate_half(k_pe) * sin_k
+
+        if cache is not None:
+            check_cache_layer(cache, attn.layer_idx)
+            latent_all, k_pe_all = cache.update(latent[:, None], k_pe, attn.layer_idx)  # (B,1,S,R), (B,G,S,r)
+            latent_all = latent_all[:, 0]  # (B, S, R)
+        else:
+            latent_all, k_pe_all = latent, k_pe
+
+        if self.absorb and t == 1 and cache is not None and not torch.is_grad_enabled():
+            out = self._absorbed_attention(q_pe, q_nope, latent_all, k_pe_all, attention_mask)  # (B, T, H*d)
+            return attn.o_proj(out), None
+
+        s = latent_all.shape[1]
+        k_nope = self.mla_k_up[name](latent_all).view(b, s, g, self.nope_dims).transpose(1, 2)  # (B, G, S, n)
+        value = self.mla_v_up[name](latent_all).view(b, s, g, d).transpose(1, 2)  # (B, G, S, d)
+        query = torch.cat([q_pe, q_nope], dim=-1)  # (B, H, T, d): dims reordered, dot products unchanged
+        key = torch.cat([k_pe_all, k_nope], dim=-1)  # (B, G, S, d)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, _eager_of(attn))
+        sliding_window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+        if sliding_window is not None:
+            kwargs["sliding_window"] = sliding_window
+        out, weights = interface(
+            attn,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else attn.attention_dropout,
+            scaling=attn.scaling,
+            **kwargs,
+        )  # out (B, T, H, d)
+        return attn.o_proj(out.reshape(b, t, h * d).contiguous()), weights
+
+    def _absorbed_attention(self, q_pe, q_nope, latent, k_pe, attention_mask) -> torch.Tensor:
+        """Attention straight on the cache, without rebuilding keys/values: ``-> (B, T, H*d)``."""
+        name, attn = self.adapter_name, self.base_layer
+        b, h, t, _ = q_pe.shape
+        g, d, n = self.num_kv_heads, self.head_dim, self.nope_dims
+        grp = h // g
+        w_uk = self.mla_k_up[name].weight.view(g, n, self.kv_rank)  # (G, n, R); its bias shifts all scores equally
+        w_uv = self.mla_v_up[name].weight.view(g, d, self.kv_rank)  # (G, d, R)
+        q_lat = torch.einsum("bgktn,gnr->bgktr", q_nope.view(b, g, grp, t, n), w_uk)  # (B, G, g, T, R)
+        scores = torch.einsum("bgktr,bsr->bgkts", q_lat, latent)  # (B, G, g, T, S)
+        scores = scores + torch.einsum("bgktr,bgsr->bgkts", q_pe.view(b, g, grp, t, -1), k_pe)
+        scores = scores.float() * attn.scaling
+        if attention_mask is not None:
+            mask = attention_mask[:, :, None, :, : latent.shape[1]]  # (B, 1, 1, T, S)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = scores.softmax(dim=-1).to(latent.dtype)  # (B, G, g, T, S)
+        ctx = torch.einsum("bgkts,bsr->bgktr", probs, latent)  # (B, G, g, T, R)
+        out = torch.einsum("bgktr,gdr->bgktd", ctx, w_uv)  # (B, G, g, T, d)
+        if self.mla_v_up[name].bias is not None:  # attention weights sum to 1, so the value bias passes through
+            out = out + self.mla_v_up[name].bias.view(1, g, 1, 1, d)
+        return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor:
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    return base.weight
+
+
+def _eager_of(attn: nn.Module):
+    """The eager attention function of the attention module's own modeling file."""
+    fn = getattr(sys.modules.get(type(attn).__module__), "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn

@@ -1,0 +1,261 @@
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..model import PIModel
+from ..rope import model_rope_config
+from .cache import MLACache
+from .config import MLAConfig
+from .layer import MLAAttention, max_kv_rank
+from .selection import fixed_pairs, pair_norms, top_pairs, two_norm_scores
+
+_KV_NAMES = ("k_proj", "v_proj")
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every self-attention module with separate q/k/v/o projections, in layer order."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, MLAAttention):
+            found.append((name, module))
+        elif all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(
+            module, "layer_idx"
+        ):
+            found.append((name, module))
+    return found
+
+
+def _fused_qkv_names(model: nn.Module) -> list[str]:
+    return [
+        n
+        for n, _ in model.named_modules()
+        if n.rsplit(".", 1)[-1] in ("qkv_proj", "query_key_value", "c_attn", "Wqkv")
+    ]
+
+
+class MLAModel(PIModel):
+    """
+    MHA2MLA as a peft method: every attention layer becomes an [`MLAAttention`] (latent KV cache, partial RoPE), the
+    other linear layers get LoRA (peft's own layers), and PI fields of the config extend the kept rotary dims.
+
+    The conversion is recorded in the config (`rope_pairs`) and the MLA matrices are adapter weights, so
+    `save_pretrained` / `PeftModel.from_pretrained` re-apply it exactly. `disable_adapter()` and `unload()` give the
+    original model (original attention and RoPE); merging is refused (MLA has no standard-attention equivalent).
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): A RoPE model with separate q/k/v projections (Llama, Mistral, Qwen2).
+        config ([`MLAConfig`]): The configuration of the adapter.
+        adapter_name (`str`, defaults to `"default"`): The name of the adapter.
+
+    Example:
+
+        ```py
+        >>> import pi_peft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base, pi_peft.MLAConfig(kv_rank=512, rope_dims=8, rope_selection="high"))
+        >>> out = model.generate(input_ids, max_new_tokens=32)  # caches 512 + kv_heads * 8 values per token and layer
+        ```
+    """
+
+    # ---- BaseTuner hooks -------------------------------------------------------------------------------------------
+    def _prepare_model(self, peft_config: MLAConfig, model: nn.Module):
+        if any(isinstance(m, MLAAttention) for m in model.modules()):
+            raise ValueError("This model already has an MLA adapter; pi_peft supports one MLA adapter per model.")
+        self._mla_check_model(peft_config, model)
+        targets = peft_config.target_modules
+        if isinstance(targets, (list, set, tuple)) and set(targets) & set(_KV_NAMES):
+            raise ValueError(
+                f"`target_modules`={sorted(targets)} names {sorted(set(targets) & set(_KV_NAMES))}, which MLA replaces "
+                "(keys and values come from the latent); remove them. The MLA matrices train without LoRA."
+            )
+        super()._prepare_model(peft_config, model)
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(peft_config, MLAConfig) and target_name in _KV_NAMES:
+            return  # unused while MLA is active (e.g. matched by "all-linear")
+        return super()._create_and_replace(
+            peft_config, adapter_name, target, target_name, parent, current_key, **kwargs
+        )
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if isinstance(config, MLAConfig):
+            self._mla_convert(model, adapter_name, config)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge and any(isinstance(m, MLAAttention) for m in self.model.modules()):
+            next(m for m in self.model.modules() if isinstance(m, MLAAttention)).merge()  # raises with the reason
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    # ---- generation ------------------------------------------------------------------------------------------------
+    def generate(self, *args, **kwargs):
+        """`model.generate` with a fresh `MLACache` (latents + kept RoPE keys) unless ``past_key_values`` is given."""
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) and self._mla_active():
+            kwargs["past_key_values"] = MLACache()
+        return self.model.generate(*args, **kwargs)
+
+    def _mla_active(self) -> bool:
+        return any(
+            isinstance(m, MLAAttention) and not m.disable_adapters and m.adapter_name in m.active_adapters
+            for m in self.model.modules()
+        )
+
+    # ---- conversion ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _mla_check_model(config: MLAConfig, model: nn.Module) -> None:
+        model_rope_config(model)  # raises for models without RoPE
+        layers = attention_modules(model)
+        if not layers:
+            fused = _fused_qkv_names(model)
+            detail = f" It has fused projections ({fused[0]}, ...)." if fused else ""
+            raise ValueError(
+                f"MLA needs attention layers with separate `q_proj`/`k_proj`/`v_proj`/`o_proj` (Llama, Mistral, Qwen2); "
+                f"{type(model).__name__} has none.{detail} Split a fused qkv projection into three first."
+            )
+        attn = layers[0][1]
+        head_dim, model_config = attn.head_dim, attn.config
+        if any(hasattr(a, "k_norm") for _, a in layers):
+            raise ValueError(
+                "This model normalises keys per head (`k_norm`, e.g. Qwen3): keys are then a nonlinear function of "
+                "the whole head, so the no-RoPE part cannot be rebuilt from a linear latent. MLA supports "
+                "Llama/Mistral/Qwen2-style attention."
+            )
+        if getattr(model_config, "partial_rotary_factor", 1.0) not in (None, 1, 1.0):
+            raise ValueError("MLA expects RoPE on the whole head (`partial_rotary_factor` = 1).")
+        if config.rope_dims > head_dim:
+            raise ValueError(
+                f"`rope_dims`={config.rope_dims} is larger than the model's head_dim={head_dim}; pick an even value "
+                f"in [2, {head_dim}]."
+            )
+        limit = max_kv_rank(attn.q_proj.in_features, model_config.num_key_value_heads, head_dim, config.rope_dims)
+        if config.kv_rank > limit:
+            raise ValueError(
+                f"`kv_rank`={config.kv_rank} is larger than a layer can hold: the stacked [W_k (no-RoPE rows); W_v] "
+                f"has rank at most min(hidden_size, kv_heads * (2 * head_dim - rope_dims)) = {limit}; pick "
+                f"`kv_rank` <= {limit}."
+            )
+        if config.rope_pairs is not None:
+            expected = (len(layers), model_config.num_key_value_heads, config.rope_dims // 2)
+            shape = tuple(torch.as_tensor(config.rope_pairs).shape)
+            if shape != expected:
+                raise ValueError(
+                    f"`rope_pairs` has shape {shape} but this model needs (layers, kv_heads, rope_dims/2) = "
+                    f"{expected}; the adapter was made for a different base model."
+                )
+
+    def _mla_convert(self, model: nn.Module, adapter_name: str, config: MLAConfig) -> None:
+        layers = attention_modules(model)
+        attn0 = layers[0][1]
+        kv_heads = attn0.config.num_key_value_heads
+        pairs = None
+        if config.rope_pairs is not None:
+            pairs = torch.as_tensor(config.rope_pairs, dtype=torch.long)
+        elif config.rope_selection != "2-norm":
+            one = fixed_pairs(config.rope_selection, attn0.head_dim, config.rope_dims, kv_heads)
+            pairs = one.unsqueeze(0).expand(len(layers), -1, -1).clone()
+            config.rope_pairs = pairs.tolist()
+        for i, (name, attn) in enumerate(layers):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layer = MLAAttention(attn, adapter_name, config.kv_rank, config.rope_dims)
+            if pairs is not None:
+                layer.init_from_base(pairs[i])
+            layer.requires_grad_(False)
+            if not config.inference_mode:
+                for module_dict in (layer.mla_kv_down, layer.mla_k_rope, layer.mla_k_up, layer.mla_v_up):
+                    module_dict.requires_grad_(True)
+            setattr(parent, child, layer)
+
+
+@torch.no_grad()
+def initialize_mla_weights(model: nn.Module, calibration_data, max_batches: Optional[int] = None) -> torch.Tensor:
+    """Data-driven initialisation for ``rope_selection="2-norm"`` (peft's EVA pattern: adapter first, then data).
+
+    Runs the *original* attention (adapters disabled) over ``calibration_data`` (an iterable of batches: tensors of
+    input ids or dicts with ``input_ids``/``attention_mask``), scores every rotary pair by the mean query-pair norm x
+    mean key-pair norm summed over the GQA group, keeps the top ``rope_dims / 2`` pairs per layer and kv head, then
+    initialises every layer by the joint SVD and records the choice in the config (``rope_pairs``). Returns the
+    kept pairs ``(layers, kv_heads, rope_dims / 2)``.
+
+    Example:
+
+        ```py
+        >>> model = get_peft_model(base, MLAConfig(kv_rank=512, rope_dims=8, rope_selection="2-norm"))
+        >>> batches = [tokenizer(t, return_tensors="pt") for t in calibration_texts]
+        >>> initialize_mla_weights(model, batches)
+        ```
+    """
+    tuner = model.base_model if hasattr(model, "base_model") and isinstance(model.base_model, MLAModel) else model
+    if not isinstance(tuner, MLAModel):
+        raise TypeError(
+            f"`initialize_mla_weights` needs a model made by get_peft_model(..., MLAConfig), got {type(model)}."
+        )
+    layers = [m for m in tuner.model.modules() if isinstance(m, MLAAttention)]
+    config = tuner.peft_config[layers[0].adapter_name]
+    if calibration_data is None:
+        raise ValueError(
+            "`rope_selection='2-norm'` needs calibration data: pass `calibration_data`, e.g. a list of tokenised "
+            "batches (`[tokenizer(text, return_tensors='pt'), ...]`)."
+        )
+    sums_q = [0.0] * len(layers)
+    sums_k = [0.0] * len(layers)
+    counts = [0] * len(layers)
+    hooks = []
+
+    def catch(i: int, which: str, heads: int, head_dim: int):
+        def hook(module, inputs, output):
+            mask = current_mask[0]
+            norms = pair_norms(output.view(*output.shape[:-1], heads, head_dim))  # (B, T, heads, d/2)
+            if mask is not None:
+                norms = norms * mask[..., None, None]
+            total = norms.sum(dim=(0, 1))  # (heads, d/2)
+            if which == "q":
+                sums_q[i] = sums_q[i] + total
+                counts[i] += int(mask.sum()) if mask is not None else norms.shape[0] * norms.shape[1]
+            else:
+                sums_k[i] = sums_k[i] + total
+
+        return hook
+
+    current_mask = [None]
+    for i, layer in enumerate(layers):
+        attn = layer.base_layer
+        hooks.append(attn.q_proj.register_forward_hook(catch(i, "q", layer.num_heads, layer.head_dim)))
+        hooks.append(attn.k_proj.register_forward_hook(catch(i, "k", layer.num_kv_heads, layer.head_dim)))
+    device = next(tuner.model.parameters()).device
+    seen = 0
+    tuner.disable_adapter_layers()  # the original attention (and RoPE) produce the calibration statistics
+    try:
+        if True:
+            for batch_index, batch in enumerate(calibration_data):
+                if max_batches is not None and batch_index >= max_batches:
+                    break
+                if isinstance(batch, torch.Tensor):
+                    batch = {"input_ids": batch}
+                ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                current_mask[0] = None if mask is None else mask.to(device).float()
+                tuner.model(input_ids=ids, attention_mask=current_mask[0], use_cache=False)
+                seen += 1
+    finally:
+        tuner.enable_adapter_layers()
+        for hook in hooks:
+            hook.remove()
+    if seen == 0 or counts[0] == 0:
+        raise ValueError("`calibration_data` was empty: `rope_selection='2-norm'` needs at least one batch of tokens.")
+    pairs = torch.stack(
+        [
+            top_pairs(two_norm_scores(sums_q[i] / counts[i], sums_k[i] / counts[i]), config.rope_dims)
+            for i in range(len(layers))
+        ]
+    )  # (layers, G, r/2)
+    for i, layer in enumerate(layers):
+        layer.init_from_base(pairs[i])
+    config.rope_pairs = pairs.tolist()
+    return pairs
