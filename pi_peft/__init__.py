@@ -2,25 +2,57 @@
 
 ``import pi_peft`` registers the ``PI`` method with peft, so that ``get_peft_model``, ``PeftModel.from_pretrained``,
 ``AutoPeftModelForCausalLM`` and trl's ``SFTTrainer(peft_config=PIConfig(...))`` all understand it.
+
+The import itself is cheap: registration happens as soon as peft is imported (at once when it already is), and the
+public names below are loaded on first use. So ``pi-peft --help`` needs neither torch nor peft, and a program that
+imports pi_peft before or after peft gets the same registered method.
 """
 
 from . import _registration
-from .config import PIConfig
-from .model import PIModel
-from .rope import pi_inv_freq, rope_cos_sin, scaled_rope_parameters, set_rope_parameters
+from ._version import __version__
 
-__version__ = "0.1.0"
+# public name -> module that defines it (PEP 562 lazy attributes)
+_LAZY = {
+    "PIConfig": ".config",
+    "PIModel": ".model",
+    "MLAConfig": ".mla",
+    "MLAModel": ".mla",
+    "pi_inv_freq": ".rope",
+    "rope_cos_sin": ".rope",
+    "scaled_rope_parameters": ".rope",
+    "set_rope_parameters": ".rope",
+}
 
-_registration.register(PIConfig, PIModel)
+__all__ = [*_LAZY, "__version__"]
 
-from . import hub  # noqa: E402,F401  (routes `PeftModel.push_to_hub` of PI models through `hub.push_to_hub`)
 
-__all__ = [
-    "PIConfig",
-    "PIModel",
-    "__version__",
-    "pi_inv_freq",
-    "rope_cos_sin",
-    "scaled_rope_parameters",
-    "set_rope_parameters",
-]
+def _install() -> None:
+    """Register pi_peft's methods with peft and route ``PeftModel.push_to_hub`` of PI models (called once peft is
+    imported)."""
+    from .config import PIConfig
+    from .hub import install_push_to_hub
+    from .model import PIModel
+
+    _registration.register(PIConfig, PIModel)
+    from .mla import MLAConfig, MLAModel
+    from .mla import config as mla_config
+
+    _registration.register(MLAConfig, MLAModel, name=mla_config.PEFT_TYPE_NAME)
+    install_push_to_hub()
+
+
+_registration.call_when_imported("peft", _install)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pi_peft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -20,8 +20,10 @@ silently wrong model.
 from __future__ import annotations
 
 import enum
-
-import peft
+import importlib.abc
+import importlib.util
+import sys
+from collections.abc import Callable
 
 PEFT_TYPE_NAME = "PI"
 """The value stored as ``peft_type`` in ``adapter_config.json``."""
@@ -34,6 +36,8 @@ _MAPPINGS = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_
 
 
 def _incompatible(what: str) -> ImportError:
+    import peft
+
     return ImportError(
         f"pi_peft cannot register its `PI` method with peft {peft.__version__}: {what}. This peft changed internals "
         "that pi_peft relies on; install a pi_peft release that supports it, or `pip install 'peft==0.21.2'`."
@@ -76,23 +80,24 @@ def _add_enum_member(peft_type: type[enum.Enum], name: str) -> enum.Enum:
     return member
 
 
-def register(config_cls: type, model_cls: type) -> None:
-    """Make ``config_cls``/``model_cls`` peft's ``PI`` method. Idempotent; raises if ``PI`` belongs to someone else."""
+def register(config_cls: type, model_cls: type, name: str = PEFT_TYPE_NAME, prefix: str = PREFIX) -> None:
+    """Make ``config_cls``/``model_cls`` peft's method ``name`` (``PI``, or ``MLA`` for MHA2MLA) with parameter
+    ``prefix``. Idempotent; raises if ``name`` belongs to someone else."""
     peft_type_enum, mapping = _check_internals()
-    peft_type = _add_enum_member(peft_type_enum, PEFT_TYPE_NAME)
+    peft_type = _add_enum_member(peft_type_enum, name)
 
     current = mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
     if current is not None and current.__module__ != config_cls.__module__:
         raise ImportError(
-            f"peft already has a `{PEFT_TYPE_NAME}` method ({current.__module__}.{current.__qualname__}); pi_peft "
+            f"peft already has a `{name}` method ({current.__module__}.{current.__qualname__}); pi_peft "
             "cannot register over it. Is another package using the same name?"
         )
-    if getattr(model_cls, "prefix", PREFIX) != PREFIX:
-        raise ValueError(f"`{model_cls.__name__}.prefix` must be {PREFIX!r}, got {model_cls.prefix!r}.")
+    if getattr(model_cls, "prefix", prefix) != prefix:
+        raise ValueError(f"`{model_cls.__name__}.prefix` must be {prefix!r}, got {model_cls.prefix!r}.")
     # Same module (first import or `importlib.reload`): (re)point the tables at the current classes.
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = PREFIX
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
 
 
 def is_registered() -> bool:
@@ -101,3 +106,48 @@ def is_registered() -> bool:
     from peft.utils.peft_types import PeftType
 
     return PEFT_TYPE_NAME in PeftType.__members__ and PeftType[PEFT_TYPE_NAME] in mapping.PEFT_TYPE_TO_TUNER_MAPPING
+
+
+class _CallAfterExec(importlib.abc.Loader):
+    """Loader proxy: runs the real loader, then ``callback`` (the module is complete and in ``sys.modules``)."""
+
+    def __init__(self, loader: importlib.abc.Loader, callback: Callable[[], None]):
+        self._loader, self._callback = loader, callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        self._callback()
+
+    def __getattr__(self, name: str):  # resource readers, get_source, ...: the real loader's
+        return getattr(self._loader, name)
+
+
+class _WhenImported(importlib.abc.MetaPathFinder):
+    """One-shot meta path finder: when ``name`` is first imported, call ``callback`` right after it is executed."""
+
+    def __init__(self, name: str, callback: Callable[[], None]):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # one shot, and lets the real finders answer the lookup below
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _CallAfterExec(spec.loader, self.callback)
+        return spec
+
+
+def call_when_imported(name: str, callback: Callable[[], None]) -> None:
+    """Call ``callback`` now if module ``name`` is imported, else right after its first import (at most once).
+
+    This is how ``import pi_peft`` registers with peft without importing peft (and torch) itself: ``pi-peft --help``
+    stays instant, and any later ``import peft`` (directly or through transformers/trl) registers the method first.
+    """
+    if name in sys.modules:
+        callback()
+    elif not any(isinstance(f, _WhenImported) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _WhenImported(name, callback))

@@ -1,4 +1,4 @@
-"""The model card of a PI adapter, and the exact serving flags for tools that do not know pi_peft.
+"""The model card of a PI adapter (the serving flags it shows come from :mod:`pi_peft.serving`).
 
 Everything in the card is derived from the adapter's own ``adapter_config.json`` (window, factor, RoPE, LoRA
 settings), from facts passed in (QLoRA or not, the base model's license, a ``trainer_state.json``), and from an
@@ -10,124 +10,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .rope import ROPE_TYPE_EXTRA_PARAMETERS, scaled_rope_parameters
+from .serving import (
+    extension_of,
+    fmt_factor,
+    llama_cpp_rope_flags,
+    llama_cpp_unsupported_note,
+    vllm_lora_command,
+)
+from .utils import markdown_table
 
 EVAL_TABLES = (("passkey.md", "Passkey retrieval"), ("ppl.md", "Perplexity by context length"))
 EVAL_PLOTS = ("passkey.png", "ppl.png")
 EVAL_DIR_IN_REPO = "eval"
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted `--max-lora-rank` values (default 16)
 
 METHOD_TEXT = {True: "QLoRA (4-bit base, bitsandbytes)", False: "LoRA (unquantised base)", None: "LoRA"}
 PI_TAGS = ("pi-peft", "position-interpolation", "long-context")
-
-
-@dataclass(frozen=True)
-class Extension:
-    """The context extension an adapter applies, read from its ``adapter_config.json``."""
-
-    original_context_length: int
-    context_length: int
-    scaling_factor: float
-    rope_type: str
-    base_rope_parameters: dict
-    rope_parameters: dict  # what the model runs with: transformers' `config.rope_parameters`
-
-
-def extension_of(adapter_config: Mapping[str, Any]) -> Extension:
-    """The :class:`Extension` of a saved PI adapter config (raises ``ValueError`` for a non-PI adapter)."""
-    if adapter_config.get("peft_type") != "PI":
-        raise ValueError(
-            f"`peft_type` is {adapter_config.get('peft_type')!r}, not 'PI': this is not a pi_peft adapter, so it "
-            "carries no context extension."
-        )
-    missing = [
-        k
-        for k in ("original_context_length", "context_length", "scaling_factor", "base_rope_parameters")
-        if adapter_config.get(k) is None
-    ]
-    if missing:
-        raise ValueError(
-            f"adapter_config.json lacks {missing}; these are filled in when the adapter is applied to its base model. "
-            "Save the adapter from a model made with `get_peft_model(base, PIConfig(...))`."
-        )
-    rope_type = adapter_config.get("rope_type", "linear")
-    extras = {k: adapter_config.get(k) for k in ROPE_TYPE_EXTRA_PARAMETERS[rope_type]}
-    params = scaled_rope_parameters(
-        dict(adapter_config["base_rope_parameters"]),
-        rope_type=rope_type,
-        scaling_factor=float(adapter_config["scaling_factor"]),
-        original_context_length=int(adapter_config["original_context_length"]),
-        **extras,
-    )
-    return Extension(
-        original_context_length=int(adapter_config["original_context_length"]),
-        context_length=int(adapter_config["context_length"]),
-        scaling_factor=float(adapter_config["scaling_factor"]),
-        rope_type=rope_type,
-        base_rope_parameters=dict(adapter_config["base_rope_parameters"]),
-        rope_parameters=params,
-    )
-
-
-def fmt_factor(factor: float) -> str:
-    return f"{factor:g}"
-
-
-# ---- serving flags -------------------------------------------------------------------------------------------------
-def vllm_hf_overrides(ext: Extension) -> str:
-    """The JSON for vLLM's ``--hf-overrides``: the extended ``rope_parameters``."""
-    return json.dumps({"rope_parameters": ext.rope_parameters}, sort_keys=True)
-
-
-def vllm_lora_command(ext: Extension, base: str, adapter_path: str, rank: int, name: str = "pi") -> str:
-    """``vllm serve`` for the base plus a plain LoRA adapter, with the RoPE and window the adapter was trained for."""
-    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
-    lines = [
-        f"vllm serve {base}",
-        "--enable-lora",
-        f"--lora-modules {name}={adapter_path}",
-        f"--max-lora-rank {max_rank}",
-        f"--max-model-len {ext.context_length}",
-        f"--hf-overrides '{vllm_hf_overrides(ext)}'",
-    ]
-    return " \\\n  ".join(lines)
-
-
-def llama_cpp_rope_flags(ext: Extension) -> Optional[str]:
-    """llama.cpp runtime flags that reproduce the adapter's RoPE, or ``None`` when llama.cpp has no such flag."""
-    if ext.rope_type == "linear":
-        return f"--rope-scaling linear --rope-scale {fmt_factor(ext.scaling_factor)} -c {ext.context_length}"
-    if ext.rope_type == "yarn":
-        flags = [
-            "--rope-scaling yarn",
-            f"--rope-scale {fmt_factor(ext.scaling_factor)}",
-            f"--yarn-orig-ctx {ext.original_context_length}",
-        ]
-        for key, flag in (
-            ("beta_fast", "--yarn-beta-fast"),
-            ("beta_slow", "--yarn-beta-slow"),
-            ("attention_factor", "--yarn-attn-factor"),
-        ):
-            if ext.rope_parameters.get(key) is not None:
-                flags.append(f"{flag} {ext.rope_parameters[key]:g}")
-        return " ".join(flags + [f"-c {ext.context_length}"])
-    return None
-
-
-def llama_cpp_unsupported_note(ext: Extension) -> str:
-    if ext.rope_type == "dynamic":
-        return (
-            "llama.cpp does not implement dynamic NTK scaling (`rope_type='dynamic'`), not even for a converted"
-            " merged model: serve this adapter with vLLM or transformers."
-        )
-    return (
-        f"llama.cpp has no runtime flag for `rope_type={ext.rope_type!r}`: serve the merged model instead "
-        "(`pi-peft export merged`, then llama.cpp's `convert_hf_to_gguf.py`)."
-    )
 
 
 # ---- card ----------------------------------------------------------------------------------------------------------
@@ -191,9 +91,7 @@ def _training_rows(
 
 
 def _table(rows: list[tuple[str, Any]], header: tuple[str, str]) -> str:
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def card_text(
@@ -206,7 +104,7 @@ def card_text(
     eval_dir: Optional[Path] = None,
 ) -> str:
     """The markdown body of the card (without the YAML block)."""
-    from . import __version__
+    from ._version import __version__
 
     ext = extension_of(config)
     base = base_model or "<base model>"

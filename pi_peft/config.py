@@ -6,7 +6,7 @@ from peft import LoraConfig
 from peft.utils.peft_types import PeftType
 
 from . import _registration
-from .rope import ROPE_TYPE_EXTRA_PARAMETERS, ROPE_TYPES, effective_context_length
+from .rope import ROPE_EXTRA_PARAMETERS, ROPE_TYPES, effective_context_length
 
 PI_PAPER = "https://arxiv.org/abs/2306.15595"
 LONGLORA_PAPER = "https://arxiv.org/abs/2309.12307"
@@ -38,7 +38,10 @@ class PIConfig(LoraConfig):
         rope_type (`str`, defaults to `"linear"`):
             How positions are rescaled, using transformers' own implementation: `"linear"` (Position Interpolation,
             [paper](https://arxiv.org/abs/2306.15595)), `"dynamic"` (dynamic NTK), `"yarn"`
-            ([paper](https://arxiv.org/abs/2309.00071)) or `"llama3"` (Llama 3.1 frequency-band scaling).
+            ([paper](https://arxiv.org/abs/2309.00071)) or `"llama3"` (Llama 3.1 frequency-band scaling). The types
+            and their keys are registered in `pi_peft.rope.ROPE_TYPES`. Note on `"dynamic"`: transformers recomputes
+            its frequencies from the current length, so generation with the KV cache differs from generation
+            without it; score it with `use_cache=False`.
         attention_factor (`float`, *optional*):
             `yarn` only: the attention temperature; transformers derives it from the factor when unset.
         beta_fast (`float`, *optional*):
@@ -80,7 +83,9 @@ class PIConfig(LoraConfig):
     )
     rope_type: str = field(
         default="linear",
-        metadata={"help": f"RoPE scaling: one of {ROPE_TYPES}; 'linear' is Position Interpolation ({PI_PAPER})."},
+        metadata={
+            "help": f"RoPE scaling: one of {list(ROPE_TYPES)}; 'linear' is Position Interpolation ({PI_PAPER})."
+        },
     )
     attention_factor: Optional[float] = field(default=None, metadata={"help": "yarn only: attention temperature."})
     beta_fast: Optional[float] = field(default=None, metadata={"help": "yarn only: extrapolation boundary."})
@@ -120,10 +125,10 @@ class PIConfig(LoraConfig):
             raise ValueError(f"`r` must be a positive integer (the LoRA rank), got {self.r!r}.")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"`rope_type` must be one of {list(ROPE_TYPES)}, got {self.rope_type!r}.")
-        allowed = ROPE_TYPE_EXTRA_PARAMETERS[self.rope_type]
-        for name in sorted({p for ps in ROPE_TYPE_EXTRA_PARAMETERS.values() for p in ps}):
+        allowed = ROPE_TYPES[self.rope_type].extra_parameters
+        for name in ROPE_EXTRA_PARAMETERS:
             if getattr(self, name) is not None and name not in allowed:
-                takers = [t for t, ps in ROPE_TYPE_EXTRA_PARAMETERS.items() if name in ps]
+                takers = [t for t, info in ROPE_TYPES.items() if name in info.extra_parameters]
                 raise ValueError(
                     f"`{name}`={getattr(self, name)!r} is not a parameter of rope_type={self.rope_type!r} "
                     f"(it belongs to {takers}); remove it or set `rope_type` to one of {takers}."
@@ -173,5 +178,5 @@ class PIConfig(LoraConfig):
     def rope_extra_parameters(self) -> dict[str, Any]:
         """The type-specific `rope_parameters` keys that were set (e.g. `beta_fast` for yarn)."""
         return {
-            k: getattr(self, k) for k in ROPE_TYPE_EXTRA_PARAMETERS[self.rope_type] if getattr(self, k) is not None
+            k: getattr(self, k) for k in ROPE_TYPES[self.rope_type].extra_parameters if getattr(self, k) is not None
         }

@@ -199,10 +199,8 @@ def write_jsonl(rows: Iterable[dict], path: Union[str, os.PathLike]) -> str:
     """Write rows as JSON lines (for small local datasets in examples and tests); complete or absent."""
     import json
 
+    from .utils import atomic_write_text
+
     path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
     return path

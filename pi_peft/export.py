@@ -22,70 +22,37 @@ absent.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
-from .card import (
-    PI_TAGS,
-    extension_of,
-    fmt_factor,
-    llama_cpp_rope_flags,
-    llama_cpp_unsupported_note,
-    vllm_lora_command,
-)
+from .card import PI_TAGS
 from .loading import (
     ADAPTER_CONFIG_NAME,
     PICKLE_NAME,
     SAFETENSORS_NAME,
     check_adapter_dir,
     load_adapter,
+    load_tokenizer,
     resolve_adapter_dir,
+    resolve_dtype,
 )
+from .serving import extension_of, fmt_factor, llama_cpp_rope_flags, llama_cpp_unsupported_note, vllm_lora_command
+from .utils import atomic_output_dir
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(output: Union[str, os.PathLike], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``output`` only if the block succeeds (complete or absent)."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise ValueError(f"`output`={str(output)!r} already exists; choose a new folder or pass `--overwrite`.")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
 
 
 # ---- merged --------------------------------------------------------------------------------------------------------
 def _merge_dtype(dtype: str, base_config: Any) -> torch.dtype:
     """``auto``: the base checkpoint's dtype when it is 16-bit, else bfloat16."""
     if dtype != "auto":
-        if dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be one of {['auto', *DTYPES]}, got {dtype!r}.")
-        return DTYPES[dtype]
+        return resolve_dtype(dtype)
     saved = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None)
     saved = getattr(torch, saved) if isinstance(saved, str) else saved
     return saved if saved in SIXTEEN_BIT else torch.bfloat16
@@ -99,20 +66,6 @@ def _check_unquantized_base(base: str, base_config: Any) -> None:
             f"`base`={base!r} is a pre-quantised checkpoint ({method}). Merging into dequantised weights bakes the "
             "quantisation error into the model; pass `--base` pointing at the original 16-bit model it was made from."
         )
-
-
-def _load_tokenizer(adapter_dir: Path, base: str):
-    from transformers import AutoTokenizer
-
-    for source in (adapter_dir, base):
-        has_files = any((Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-        if Path(source).is_dir() and not has_files:
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(str(source))
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 def _merged_card(ext, base: str, output_name: str) -> str:
@@ -178,7 +131,7 @@ def export_merged(
     if any(got.get(k) != v for k, v in ext.rope_parameters.items()):  # merge_and_unload must keep PI's RoPE
         raise RuntimeError(f"merged model has rope_parameters {got}, expected {ext.rope_parameters}")
     merged.config.dtype = torch_dtype
-    tokenizer = _load_tokenizer(adapter_dir, base)
+    tokenizer = load_tokenizer(adapter_dir, required=False) or load_tokenizer(base, required=False)
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
@@ -270,34 +223,3 @@ def export_lora(
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pi-peft export", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="kind", required=True)
-    merged = sub.add_parser("merged", help="a standalone model with the adapter merged into 16-bit weights")
-    lora = sub.add_parser("lora", help="a plain LoRA adapter + README with vLLM/llama.cpp RoPE flags")
-    for q in (merged, lora):
-        q.add_argument("adapter", help="adapter folder or Hub id")
-        q.add_argument("output", help="folder to write (must not exist unless --overwrite)")
-        q.add_argument("--revision", help="Hub revision of the adapter")
-        q.add_argument("--allow-pickle", action="store_true", help="accept a pickle adapter_model.bin (unsafe)")
-        q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    merged.add_argument("--base", help="16-bit base model (default: the adapter's base_model_name_or_path)")
-    merged.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="dtype of the merged weights")
-    merged.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    return p
-
-
-def cli_main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    common = dict(revision=args.revision, allow_pickle=args.allow_pickle, overwrite=args.overwrite)
-    try:
-        if args.kind == "merged":
-            kwargs = dict(base=args.base, dtype=args.dtype, max_shard_size=args.max_shard_size)
-            out = export_merged(args.adapter, args.output, **kwargs, **common)
-        else:
-            out = export_lora(args.adapter, args.output, **common)
-    except ValueError as exc:
-        print(f"pi-peft export: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"Wrote {out}")
-    return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -31,12 +30,12 @@ SAVED_PREFIX = "base_model.model."
 """peft saves adapter tensors under the PeftModel's names; stripping this gives the base model's module names."""
 
 # files a snapshot of an adapter repo needs (weights, config, card, tokenizer saved next to the adapter)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
 ADAPTER_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.md", "*.model", "*.txt", "*.jinja"]
 
-_SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes a user can name (``--dtype``); ``"auto"`` keeps the checkpoint's own."""
 
 
 def resolve_adapter_dir(
@@ -78,50 +77,24 @@ def resolve_adapter_dir(
 
 
 def read_safetensors_header(file: Union[str, os.PathLike]) -> dict[str, dict[str, Any]]:
-    """The tensor table of a ``.safetensors`` file, after checking the file is complete and well formed.
+    """``{name: {"dtype", "shape"}}`` of a ``.safetensors`` file, read with ``safetensors.safe_open`` (no tensor data).
 
-    Format: 8-byte little-endian header length N, N bytes of JSON ``{name: {dtype, shape, data_offsets}}``, then the
-    data. Raises ``ValueError`` naming the file for a truncated or corrupt file.
+    safetensors checks the header and that it covers the file exactly; a truncated or corrupt file becomes a
+    ``ValueError`` naming the file and the fix.
     """
+    from safetensors import SafetensorError, safe_open
+
     file = Path(file)
-    size = file.stat().st_size
-
-    def corrupt(why: str) -> ValueError:
-        return ValueError(
-            f"`{file.name}` at {str(file)!r} is truncated or corrupt ({why}). Re-save the adapter or download it "
-            "again (e.g. `hf download <repo> --force-download`)."
-        )
-
-    if size < 8:
-        raise corrupt(f"{size} bytes, smaller than the 8-byte header length")
-    with open(file, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > size - 8:
-            raise corrupt(f"header claims {header_len} bytes but the file has only {size - 8} after the length")
-        raw = f.read(header_len)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise corrupt(f"header is not valid JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object")
-    header.pop("__metadata__", None)
-    end = 0
-    for name, info in header.items():
-        try:
-            begin, stop = info["data_offsets"]
-            numel = 1
-            for dim in info["shape"]:
-                numel *= int(dim)
-            itemsize = _SAFETENSORS_DTYPE_BYTES.get(info["dtype"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise corrupt(f"entry {name!r} is malformed: {exc!r}") from exc
-        if itemsize is not None and stop - begin != numel * itemsize:
-            raise corrupt(f"tensor {name!r} has {stop - begin} bytes for shape {info['shape']} {info['dtype']}")
-        end = max(end, stop)
-    if 8 + header_len + end != size:
-        raise corrupt(f"the header describes {8 + header_len + end} bytes but the file has {size}")
-    return header
+        with safe_open(str(file), framework="pt") as f:
+            return {
+                k: {"dtype": f.get_slice(k).get_dtype(), "shape": list(f.get_slice(k).get_shape())} for k in f.keys()
+            }
+    except SafetensorError as exc:
+        raise ValueError(
+            f"`{file.name}` at {str(file)!r} is truncated or corrupt ({exc}). Re-save the adapter or download it "
+            "again (e.g. `hf download <repo> --force-download`)."
+        ) from exc
 
 
 def check_adapter_dir(path: Union[str, os.PathLike], *, allow_pickle: bool = False) -> dict[str, Any]:
@@ -259,8 +232,36 @@ def load_adapter(
     return PeftModel.from_pretrained(base, str(path), is_trainable=is_trainable)
 
 
+def resolve_dtype(name: Union[str, torch.dtype, None], *, field: str = "dtype") -> Union[torch.dtype, str, None]:
+    """``"float32"``/``"bfloat16"``/``"float16"`` -> the torch dtype; ``"auto"``, ``None`` and dtypes pass through."""
+    if name is None or name == "auto" or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"`{field}` must be one of {['auto', *DTYPES]}, got {name!r}.")
+    return DTYPES[name]
+
+
+def is_adapter_dir(path: Union[str, os.PathLike]) -> bool:
+    return Path(path, ADAPTER_CONFIG_NAME).is_file()
+
+
+def _check_model_path(path: str, what: str) -> None:
+    """A path that looks local must exist; a Hub id must be reachable (clear errors instead of hub tracebacks)."""
+    if Path(path).expanduser().exists():
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a path, not a Hub id 'org/name'
+        raise ValueError(f"`{what}`={path!r}: no such folder. Pass an existing local folder or a Hub id 'org/name'.")
+    from huggingface_hub import is_offline_mode
+
+    if is_offline_mode():
+        raise ValueError(
+            f"`{what}`={path!r} is not a local folder and downloading is off (HF_HUB_OFFLINE=1). Pass a local folder, "
+            "or unset HF_HUB_OFFLINE to download it from the Hub."
+        )
+
+
 def load_base_model(base: Union[str, os.PathLike, None], *, dtype=None, **kwargs: Any):
-    """``AutoModelForCausalLM.from_pretrained(base)``, with a clear error when the adapter does not name its base."""
+    """``AutoModelForCausalLM.from_pretrained(base)`` in eval mode; the one place pi_peft loads a base model."""
     from transformers import AutoModelForCausalLM
 
     if not base:
@@ -268,6 +269,48 @@ def load_base_model(base: Union[str, os.PathLike, None], *, dtype=None, **kwargs
             "The adapter does not record its base model (`base_model_name_or_path` is empty in adapter_config.json); "
             "pass it explicitly with `base=` (CLI: `--base`)."
         )
+    _check_model_path(str(base), "base")
     if dtype is not None:
-        kwargs["dtype"] = dtype
+        kwargs["dtype"] = resolve_dtype(dtype)
     return AutoModelForCausalLM.from_pretrained(str(base), **kwargs).eval()
+
+
+def load_model(path: Union[str, os.PathLike], *, dtype: Union[str, torch.dtype, None] = "auto", device: str = "auto"):
+    """A base, merged or PI-adapter model (adapters through :func:`load_adapter`, with its checks), in eval mode on
+    ``device`` (``"auto"``: CUDA when available)."""
+    path = str(path)
+    _check_model_path(path, "model")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if is_adapter_dir(path):
+        import pi_peft  # noqa: F401  (registers PI with peft)
+
+        model = load_adapter(path, dtype=resolve_dtype(dtype))
+    else:
+        model = load_base_model(path, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: Union[str, os.PathLike], tokenizer: Optional[str] = None, *, required: bool = True):
+    """The tokenizer for a model or adapter folder: ``tokenizer`` if given, else the folder's own, else (adapters)
+    the one of ``base_model_name_or_path``. ``required=False`` returns ``None`` instead of raising."""
+    from transformers import AutoTokenizer
+
+    if tokenizer:
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    sources = [str(path)]
+    if is_adapter_dir(path):
+        base = json.loads(Path(path, ADAPTER_CONFIG_NAME).read_text()).get("base_model_name_or_path")
+        sources += [base] if base else []
+    errors = []
+    for source in sources:
+        folder = Path(source).expanduser()
+        if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            errors.append(f"{source!r} has no tokenizer files")
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError) as exc:
+            errors.append(f"{source!r}: {' '.join(str(exc).split())[:200]}")
+    if not required:
+        return None
+    raise ValueError(f"No tokenizer could be loaded for {str(path)!r} ({'; '.join(errors)}); pass `--tokenizer`.")

@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import PIConfig
 from .rope import (
+    ROPE_TYPES,
     model_rope_config,
     rope_parameters_of,
     scaled_rope_parameters,
@@ -117,9 +118,8 @@ class PIModel(LoraModel):
             original_context_length=config.original_context_length,
             **config.rope_extra_parameters,
         )
-        if config.scaling_factor == 1 or config.rope_type == "dynamic":
-            # dynamic NTK rescales past `max_position_embeddings`, so that must stay the original window
-            return params, base_window
+        if config.scaling_factor == 1 or ROPE_TYPES[config.rope_type].keeps_base_window:
+            return params, base_window  # e.g. dynamic NTK rescales only past `max_position_embeddings`
         return params, max(base_window, config.context_length)
 
     def _pi_sync_rope(self, adapter_names: Optional[list[str]] = None) -> None:

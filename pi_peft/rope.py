@@ -16,23 +16,81 @@ import copy
 import inspect
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
-ROPE_TYPES: tuple[str, ...] = ("linear", "dynamic", "yarn", "llama3")
-"""The ``rope_type`` values pi_peft can apply; ``linear`` is Position Interpolation."""
 
-ROPE_TYPE_EXTRA_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "linear": (),
-    "dynamic": (),
-    "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
-    "llama3": ("low_freq_factor", "high_freq_factor"),
+@dataclass(frozen=True)
+class RopeType:
+    """Everything pi_peft needs to know about one ``rope_type``: a new type is one entry in :data:`ROPE_TYPES`."""
+
+    name: str
+    extra_parameters: tuple[str, ...] = ()
+    """Optional ``rope_parameters`` keys transformers accepts for this type, besides ``factor`` (PIConfig fields)."""
+    defaults: dict = field(default_factory=dict)
+    """Keys transformers requires for this type, with the values written when the user gives none."""
+    needs_original_window: bool = False
+    """Writes ``original_max_position_embeddings`` = the base window into ``rope_parameters``."""
+    keeps_base_window: bool = False
+    """``max_position_embeddings`` stays the base window (dynamic NTK rescales only past it)."""
+    llama_cpp: Optional[str] = None
+    """llama.cpp's ``--rope-scaling`` value, ``None`` when llama.cpp has no runtime flag for this type."""
+    llama_cpp_flags: tuple[tuple[str, str], ...] = ()
+    """``(rope_parameters key, llama.cpp flag)`` pairs passed when the key is set."""
+    llama_cpp_note: str = ""
+    """What to do instead when ``llama_cpp`` is ``None``."""
+    note: str = ""
+    """A caveat users should know, shown in PIConfig's documentation and the model card."""
+
+
+ROPE_TYPES: dict[str, RopeType] = {
+    "linear": RopeType("linear", llama_cpp="linear"),
+    "dynamic": RopeType(
+        "dynamic",
+        keeps_base_window=True,
+        llama_cpp_note="llama.cpp does not implement dynamic NTK scaling (`rope_type='dynamic'`), not even for a "
+        "converted merged model: serve this adapter with vLLM or transformers.",
+        note="transformers' dynamic NTK recomputes the frequencies from the current sequence length, so generation "
+        "with the KV cache differs from generation without it (cached keys keep the frequencies they were made "
+        "with); evaluate it with `use_cache=False` for exact scores.",
+    ),
+    "yarn": RopeType(
+        "yarn",
+        extra_parameters=("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+        needs_original_window=True,
+        llama_cpp="yarn",
+        llama_cpp_flags=(
+            ("beta_fast", "--yarn-beta-fast"),
+            ("beta_slow", "--yarn-beta-slow"),
+            ("attention_factor", "--yarn-attn-factor"),
+        ),
+    ),
+    "llama3": RopeType(
+        "llama3",
+        extra_parameters=("low_freq_factor", "high_freq_factor"),
+        defaults={"low_freq_factor": 1.0, "high_freq_factor": 4.0},  # Meta's Llama 3.1 values; both required
+        needs_original_window=True,
+        llama_cpp_note="llama.cpp has no runtime flag for `rope_type='llama3'`: serve the merged model instead "
+        "(`pi-peft export merged`, then llama.cpp's `convert_hf_to_gguf.py`, which writes Llama 3.1's frequency "
+        "factors into the GGUF).",
+    ),
 }
-"""Optional ``rope_parameters`` keys that transformers accepts for each type, besides ``factor``."""
+"""The rope types pi_peft can apply, by name; ``linear`` is Position Interpolation."""
 
-LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
-"""Meta's Llama 3.1 values; transformers requires both keys for ``rope_type="llama3"``."""
+ROPE_EXTRA_PARAMETERS: tuple[str, ...] = tuple(
+    dict.fromkeys(p for t in ROPE_TYPES.values() for p in t.extra_parameters)
+)
+"""Every type-specific key, in registry order (each is a PIConfig field)."""
+
+
+def rope_type_info(rope_type: str) -> RopeType:
+    """The registry entry of ``rope_type``; ``ValueError`` listing the known types otherwise."""
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"`rope_type` must be one of {list(ROPE_TYPES)}, got {rope_type!r}.")
+    return ROPE_TYPES[rope_type]
 
 
 def pi_inv_freq(inv_freq: torch.Tensor, scaling_factor: float) -> torch.Tensor:
@@ -80,8 +138,7 @@ def scaled_rope_parameters(
     linearly scaled composes with ``linear`` by multiplying the factors; every other combination that transformers'
     config cannot express raises ``ValueError``. ``scaling_factor == 1`` returns ``base`` unchanged (an exact no-op).
     """
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"`rope_type` must be one of {ROPE_TYPES}, got {rope_type!r}.")
+    info = rope_type_info(rope_type)
     params = copy.deepcopy(base)
     if scaling_factor == 1:
         return params
@@ -98,10 +155,9 @@ def scaled_rope_parameters(
         )
     params["rope_type"] = rope_type
     params["factor"] = factor
-    if rope_type in ("yarn", "llama3"):
+    if info.needs_original_window:
         params["original_max_position_embeddings"] = int(original_context_length)
-    if rope_type == "llama3":
-        params.update({k: v for k, v in LLAMA3_DEFAULTS.items() if extra.get(k) is None})
+    params.update({k: v for k, v in info.defaults.items() if extra.get(k) is None})
     params.update({k: v for k, v in extra.items() if v is not None})
     return params
 

@@ -22,6 +22,7 @@ pi-peft train \
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -31,27 +32,56 @@ from typing import Optional
 
 import torch
 from transformers import TrainerCallback
-from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+from trl import ModelConfig, ScriptArguments, SFTConfig
 
 logger = logging.getLogger("pi_peft.train")
 
 
-@dataclass
-class PIArguments:
-    """Position Interpolation and data options (the rest are trl's `ScriptArguments`, `SFTConfig`, `ModelConfig`)."""
+# PIConfig's own fields that are not command-line options (filled in when the adapter is applied)
+_NOT_OPTIONS = ("base_rope_parameters",)
+# `pi-peft train` defaults that differ from PIConfig's: LongLoRA's trainable embeddings and norms
+_TRAIN_DEFAULTS = {"train_embeddings": True, "train_norms": True}
 
-    context_length: Optional[int] = field(default=None, metadata={"help": "Target context window L' in tokens."})
-    scaling_factor: Optional[float] = field(default=None, metadata={"help": "PI factor s = L'/L (or context_length)."})
-    original_context_length: Optional[int] = field(
-        default=None, metadata={"help": "Window L of the base; defaults to its max_position_embeddings."}
-    )
-    rope_type: str = field(default="linear", metadata={"help": "linear (PI), dynamic, yarn or llama3."})
-    train_embeddings: bool = field(default=True, metadata={"help": "Train the input embeddings (LongLoRA)."})
-    train_norms: bool = field(default=True, metadata={"help": "Train the normalisation layers (LongLoRA)."})
-    data_files: Optional[list[str]] = field(default=None, metadata={"help": "Local text/JSON(L)/parquet files."})
-    data_mode: str = field(
-        default="auto", metadata={"help": "pretrain (pack documents into full windows), sft, or auto (by columns)."}
-    )
+
+def pi_config_fields() -> list[dataclasses.Field]:
+    """The fields PIConfig adds to peft's LoraConfig (context window, RoPE type and keys, LongLoRA, S2-Attn, ...)."""
+    from peft import LoraConfig
+
+    from .config import PIConfig
+
+    lora = {f.name for f in dataclasses.fields(LoraConfig)}
+    return [f for f in dataclasses.fields(PIConfig) if f.name not in lora and f.name not in _NOT_OPTIONS]
+
+
+def _make_pi_arguments() -> type:
+    """`PIArguments`: derived from PIConfig's own fields (so every PIConfig option is a `pi-peft train` flag), plus
+    the data options. LoRA options come from trl's `ModelConfig` (`--lora_r`, ...)."""
+    fields = []
+    for f in pi_config_fields():
+        default = _TRAIN_DEFAULTS.get(f.name, f.default)
+        fields.append((f.name, f.type, dataclasses.field(default=default, metadata=dict(f.metadata))))
+    fields += [
+        (
+            "data_files",
+            Optional[list[str]],
+            dataclasses.field(default=None, metadata={"help": "Local text/JSON(L)/parquet files."}),
+        ),
+        (
+            "data_mode",
+            str,
+            dataclasses.field(
+                default="auto",
+                metadata={"help": "pretrain (pack documents into full windows), sft, or auto (by columns)."},
+            ),
+        ),
+    ]
+    cls = dataclasses.make_dataclass("PIArguments", fields)
+    cls.__module__ = __name__
+    cls.__doc__ = "pi_peft's options of `pi-peft train`: PIConfig's own fields (LongLoRA defaults on) + data options."
+    return cls
+
+
+PIArguments = _make_pi_arguments()
 
 
 @dataclass
@@ -124,12 +154,7 @@ def make_pi_config(model_args: ModelConfig, pi_args: PIArguments, base_config):
     if targets is not None and list(targets) == ["all-linear"]:
         targets = "all-linear"
     config = PIConfig(
-        context_length=pi_args.context_length,
-        scaling_factor=pi_args.scaling_factor,
-        original_context_length=pi_args.original_context_length,
-        rope_type=pi_args.rope_type,
-        train_embeddings=pi_args.train_embeddings,
-        train_norms=pi_args.train_norms,
+        **{f.name: getattr(pi_args, f.name) for f in pi_config_fields()},
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
@@ -307,13 +332,3 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer
-
-
-def make_parser() -> TrlParser:
-    return TrlParser((ScriptArguments, PITrainingConfig, PIModelConfig, PIArguments), prog="pi-peft train")
-
-
-def cli_main(argv: list[str]) -> int:
-    """`pi-peft train [--config recipe.yaml] [options]`."""
-    main(*make_parser().parse_args_and_config(args=argv))
-    return 0

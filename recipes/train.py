@@ -12,12 +12,12 @@ python recipes/train.py --config recipes/llama2-7b-16k.yaml --resume_from_checkp
 ```
 
 Arguments: trl's `ScriptArguments` (dataset), `SFTConfig` (training; `max_length` defaults to the target context),
-`ModelConfig` (model, `load_in_4bit`, LoRA) and pi_peft's `PIArguments` (`context_length`, `train_embeddings`, ...).
+`ModelConfig` (model, `load_in_4bit`, LoRA) and pi_peft's `PIArguments` (PIConfig's own fields: `context_length`,
+`rope_type`, `train_embeddings`, ...).
 """
 
-from pi_peft.train import main, make_parser
+from pi_peft.cli.train import parse_train_args
+from pi_peft.train import main
 
 if __name__ == "__main__":
-    parser = make_parser()
-    script_args, training_args, model_args, pi_args = parser.parse_args_and_config()
-    main(script_args, training_args, model_args, pi_args)
+    main(*parse_train_args())

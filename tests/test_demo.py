@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from pi_peft.demo import DEMO_MODELS, QUICK, DemoConfig, cli_main
+from pi_peft.cli.demo import cli_main
+from pi_peft.demo import DEMO_MODELS, QUICK, DemoConfig
 
 
 @pytest.fixture(scope="module")

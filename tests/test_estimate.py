@@ -4,9 +4,9 @@ import re
 
 import pytest
 
+from pi_peft.cli.estimate import cli_main
 from pi_peft.estimate import (
     GIB,
-    cli_main,
     estimate_memory,
     max_context,
     measure_cpu_peak,

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 from _eval_helpers import CORPUS, eval_checkpoint, eval_tokenizer  # noqa: F401  (fixtures)
@@ -7,7 +8,8 @@ from peft import get_peft_model
 
 from pi_peft import PIConfig
 from pi_peft.cli import main as pi_peft_main
-from pi_peft.evaluation.cli import cli_main, parse_model_spec
+from pi_peft.cli.eval import cli_main
+from pi_peft.evaluation.run import parse_model_spec
 from pi_peft.tiny import tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,9 +85,13 @@ def test_eval_cli_rejects_bad_input(eval_checkpoint, tmp_path):  # noqa: F811
         cli_main(["passkey", "--model", f"a={eval_checkpoint}", "--model", f"a={eval_checkpoint}"] + _rest(tmp_path))
     with pytest.raises(ValueError, match="`--files`"):
         cli_main(["ppl", "--model", eval_checkpoint, "--files", str(tmp_path / "missing.txt")] + _rest(tmp_path))
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(eval_checkpoint, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*", "*.jinja"))
     with pytest.raises(ValueError, match="`--tokenizer`"):
-        cli_main(["passkey", "--model", str(tmp_path)] + _rest(tmp_path))  # a folder with no tokenizer
-    with pytest.raises(ValueError, match="`--dtype`"):
+        cli_main(["passkey", "--model", str(no_tokenizer)] + _rest(tmp_path))  # a model folder with no tokenizer
+    with pytest.raises(ValueError, match="`--model`='.*missing': no such folder"):
+        cli_main(["passkey", "--model", str(tmp_path / "missing")] + _rest(tmp_path))
+    with pytest.raises(SystemExit):
         cli_main(["passkey", "--model", eval_checkpoint, "--dtype", "fp8"] + _rest(tmp_path))
 
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 from _share_helpers import L, load_base, make_adapter, make_base
 
-from pi_peft.export import cli_main, export_lora, export_merged
+from pi_peft.cli import main as pi_peft_main
+from pi_peft.cli.export import cli_main
+from pi_peft.export import export_lora, export_merged
 
 # Runs in a fresh interpreter that never imports pi_peft: loads every exported model the way a user without pi_peft
 # would, and also tries to load the original PI adapter with plain peft.
@@ -226,7 +228,7 @@ def test_prequantized_base_refused(exported, tmp_path):
 def test_cli(exported, tmp_path, capsys):
     assert cli_main(["lora", str(exported["root"] / "pi"), str(tmp_path / "lora")]) == 0
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
-    assert cli_main(["lora", str(exported["root"] / "pi-longlora"), str(tmp_path / "x")]) == 1
+    assert pi_peft_main(["export", "lora", str(exported["root"] / "pi-longlora"), str(tmp_path / "x")]) == 2
     assert "pi-peft export: error:" in capsys.readouterr().err
     assert cli_main(["merged", str(exported["root"] / "pi"), str(tmp_path / "m"), "--dtype", "float16"]) == 0
     assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float16"

@@ -7,7 +7,9 @@ from _share_helpers import BASE_LICENSE, L, load_base, make_adapter, make_base
 from huggingface_hub import HfApi, ModelCard, constants
 
 import pi_peft.hub as hub
-from pi_peft.card import extension_of, llama_cpp_rope_flags, llama_cpp_unsupported_note
+from pi_peft.cli import main as pi_peft_main
+from pi_peft.cli.push import cli_main as push_cli
+from pi_peft.serving import extension_of, llama_cpp_rope_flags, llama_cpp_unsupported_note
 
 TOKEN = "hf_pipeftTestSentinelToken0123456789"
 PASSKEY_MD = "| length | accuracy |\n|---|---|\n| 64 | 1.00 |\n| 256 | 0.80 |"
@@ -151,7 +153,7 @@ def test_qlora_model_is_tagged_qlora(share, online):
 
 
 def test_token_never_printed_or_written(share, online, capsys):
-    assert hub.cli_main([str(share["adapter"]), "me/tiny-pi", "--eval-dir", str(share["eval"])]) == 0
+    assert push_cli([str(share["adapter"]), "me/tiny-pi", "--eval-dir", str(share["eval"])]) == 0
     out = capsys.readouterr()
     assert TOKEN not in out.out + out.err
     assert all(TOKEN.encode() not in content for content in online.files.values())
@@ -164,7 +166,7 @@ def test_offline_push_is_a_clear_error(share, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OfflineModeIsEnabled, match=r"Cannot push to 'me/tiny-pi'.*HF_HUB_OFFLINE=1.*Unset"):
         hub.push_adapter(share["adapter"], "me/tiny-pi")
-    assert hub.cli_main([str(share["adapter"]), "me/tiny-pi"]) == 1
+    assert pi_peft_main(["push", str(share["adapter"]), "me/tiny-pi"]) == 2
     assert "offline mode" in capsys.readouterr().err
     assert hub_calls.calls == []
 
@@ -235,7 +237,7 @@ def test_extension_of_rejects_incomplete_config():
 
 def test_cli_push_options(share, online):
     args = [str(share["adapter"]), "me/tiny-pi", "--private", "--revision", "dev", "--commit-message", "msg"]
-    assert hub.cli_main(args + ["--license", "mit", "--qlora"]) == 0
+    assert push_cli(args + ["--license", "mit", "--qlora"]) == 0
     assert online.call("create_repo")[2]["private"] is True
     assert online.call("create_commit")[2]["commit_message"] == "msg"
     assert online.card().data.license == "mit" and "qlora" in online.card().data.tags

@@ -14,9 +14,10 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 
 import pi_peft.train
+from pi_peft.cli.train import cli_main, parse_train_args
 from pi_peft.estimate import KNOWN_CONFIGS
 from pi_peft.memory import fix_bnb_cpu_repack
-from pi_peft.train import cli_main, main, make_parser, make_pi_config
+from pi_peft.train import main, make_pi_config
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "train.py")
 
@@ -57,7 +58,7 @@ def _check_saved_adapter(output_dir):
 
 def test_train_lora_end_to_end_and_load_back_with_pi(assets, tmp_path):
     out = tmp_path / "lora"
-    trainer = main(*make_parser().parse_args_and_config(args=_argv(assets, out)))
+    trainer = main(*parse_train_args(_argv(assets, out)))
     assert trainer.args.max_length == 128  # the target context, not trl's 1024
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 3
@@ -126,7 +127,7 @@ def test_sft_chat_data_trains_with_the_target_window(assets, tmp_path):
     turn = [{"role": "user", "content": "the river stone " * 8}, {"role": "assistant", "content": "old road " * 8}]
     data = write_jsonl(({"messages": turn} for _ in range(12)), tmp_path / "chat.jsonl")
     argv = _argv(assets, tmp_path / "out", "--model_name_or_path", str(model_dir), "--data_files", data, "--packing")
-    trainer = main(*make_parser().parse_args_and_config(args=argv))
+    trainer = main(*parse_train_args(argv))
     assert trainer.args.max_length == 128 and trainer.state.global_step == 3
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[-1] <= 128  # packed chat turns fill (at most) the target window
@@ -147,9 +148,7 @@ def test_too_short_dataset_is_a_clear_error(assets, tmp_path):
 )  # fmt: skip
 def test_recipe_yamls_parse_with_trl_parser(name, factor, original):
     path = os.path.join(os.path.dirname(RECIPE), f"{name}.yaml")
-    script, training, model, pi = make_parser().parse_args_and_config(
-        args=["--config", path, "--use_cpu", "--bf16", "false"]
-    )
+    script, training, model, pi = parse_train_args(["--config", path, "--use_cpu", "--bf16", "false"])
     assert training.max_length is None  # main() sets it to the target context
     assert (training.learning_rate, training.warmup_steps, training.max_steps) == (2e-5, 20, 1000)
     assert model.load_in_4bit and model.use_bnb_nested_quant and pi.train_embeddings and pi.train_norms

@@ -12,7 +12,8 @@ from _train_helpers import make_jsonl, make_tiny_llama
 from safetensors.torch import load_file
 from trl import SFTTrainer
 
-from pi_peft.train import last_complete_checkpoint, main, make_parser
+from pi_peft.cli.train import parse_train_args
+from pi_peft.train import last_complete_checkpoint, main
 
 MAX_STEPS, SAVE_STEPS = 8, 2
 
@@ -70,9 +71,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         SFTTrainer, "training_step", lambda self, *a, **k: calls.append(1) or original_step(self, *a, **k)
     )
     resume = _argv(model, data, killed, "--resume_from_checkpoint", "true")
-    resumed = main(*make_parser().parse_args_and_config(args=resume))
+    resumed = main(*parse_train_args(resume))
     assert len(calls) == MAX_STEPS - done_at_kill and resumed.state.global_step == MAX_STEPS  # continued, not redone
-    main(*make_parser().parse_args_and_config(args=_argv(model, data, unbroken)))
+    main(*parse_train_args(_argv(model, data, unbroken)))
 
     got = load_file(str(killed / "adapter_model.safetensors"))
     want = load_file(str(unbroken / "adapter_model.safetensors"))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
+
+from ..utils import atomic_path
 
 
 def _pyplot():
@@ -17,17 +17,9 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-    """Save ``fig`` as PNG via a temporary file and ``os.replace`` (complete or absent)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
+    """Save ``fig`` as PNG, complete or absent."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def plot_perplexity(

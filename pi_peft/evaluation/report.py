@@ -1,4 +1,4 @@
-"""JSON files and Markdown tables of evaluation results (the layout is documented in :mod:`pi_peft.evaluation.cli`).
+"""JSON files and Markdown tables of evaluation results (the layout is documented in :mod:`pi_peft.cli.eval`).
 
 Every file is written to a temporary name and moved into place with ``os.replace``: complete or absent.
 """
@@ -8,25 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
-from .. import __version__
+from .._version import __version__
+from ..utils import atomic_write_text, markdown_table
 
 SCHEMA_VERSION = 1
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _json_safe(value):
@@ -53,29 +39,26 @@ def ppl_markdown(models: dict[str, dict]) -> str:
     """Rows: models; columns: context lengths; cells: perplexity."""
     lengths = sorted({r["context_length"] for m in models.values() for r in m["results"]})
     head = ["model"] + [str(n) for n in lengths]
-    lines = ["Perplexity by context length (tokens):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, m in models.items():
         by_len = {r["context_length"]: r["ppl"] for r in m["results"]}
-        lines.append("| " + " | ".join([name] + [_fmt_ppl(by_len[n]) if n in by_len else "-" for n in lengths]) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([name] + [_fmt_ppl(by_len[n]) if n in by_len else "-" for n in lengths])
+    return "Perplexity by context length (tokens):\n\n" + markdown_table(head, rows) + "\n"
 
 
 def passkey_markdown(models: dict[str, dict]) -> str:
     """Accuracy by length (mean over depths) and k_max per model, then a length x depth table per model."""
     lengths = sorted({n for m in models.values() for n in m["lengths"]})
     head = ["model"] + [str(n) for n in lengths] + ["k_max"]
-    lines = ["Passkey retrieval accuracy by prompt length (tokens), mean over depths:", ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, m in models.items():
         acc = {int(k): v for k, v in m["accuracy_by_length"].items()}
-        cells = [f"{acc[n]:.2f}" if n in acc else "-" for n in lengths]
-        lines.append("| " + " | ".join([name] + cells + [str(m["k_max"])]) + " |")
+        rows.append([name] + [f"{acc[n]:.2f}" if n in acc else "-" for n in lengths] + [str(m["k_max"])])
+    lines = ["Passkey retrieval accuracy by prompt length (tokens), mean over depths:", "", markdown_table(head, rows)]
     for name, m in models.items():
         head = ["length \\ depth"] + [f"{d:g}" for d in m["depths"]]
-        lines += ["", f"`{name}` ({m['trials']} trials per cell):", ""]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for n, row in zip(m["lengths"], m["accuracy"]):
-            lines.append("| " + " | ".join([str(n)] + [f"{a:.2f}" for a in row]) + " |")
+        rows = [[str(n)] + [f"{a:.2f}" for a in row] for n, row in zip(m["lengths"], m["accuracy"])]
+        lines += ["", f"`{name}` ({m['trials']} trials per cell):", "", markdown_table(head, rows)]
     return "\n".join(lines) + "\n"
 
 

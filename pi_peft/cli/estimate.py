@@ -1,0 +1,63 @@
+"""`pi-peft estimate`: peak GPU memory of a PI (Q)LoRA training step from the model config (see `pi_peft.estimate`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..estimate import (
+    ATTENTIONS,
+    LOSSES,
+    QUANTIZATIONS,
+    estimate_memory,
+    format_estimate,
+    load_model_config,
+    max_context,
+    recipes_table,
+)
+from ..estimate import __doc__ as _ESTIMATE_DOC
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pi-peft estimate", description=_ESTIMATE_DOC.split("\n\n")[0])
+    p.add_argument("model", nargs="?", help="model id, local model dir or config.json")
+    p.add_argument("--context-length", type=int, help="target context T in tokens")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory in GiB (default 24)")
+    p.add_argument("--no-train-embeddings", action="store_true")
+    p.add_argument("--no-train-norms", action="store_true")
+    p.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
+    p.add_argument("--loss", choices=LOSSES, default="fused")
+    p.add_argument("--activation-offloading", action="store_true", help="checkpoints wait in CPU memory")
+    p.add_argument("--recipes", nargs="+", metavar="YAML", help="print a markdown table for these recipe files")
+    p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
+    return p
+
+
+def cli_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.recipes:
+        print(recipes_table(args.recipes, args.gpu_gb))
+        return 0
+    if args.model is None or args.context_length is None:
+        _parser().error("give a MODEL and `--context-length` (or `--recipes YAML ...`)")
+    kwargs = dict(
+        quantization=args.quantization,
+        r=args.r,
+        batch_size=args.batch_size,
+        train_embeddings=not args.no_train_embeddings,
+        train_norms=not args.no_train_norms,
+        attention=args.attention,
+        loss=args.loss,
+        activation_offloading=args.activation_offloading,
+    )
+    config = load_model_config(args.model)
+    est = estimate_memory(config, args.context_length, **kwargs)
+    largest = max_context(config, args.gpu_gb, **kwargs)
+    if args.json:
+        print(json.dumps({**est.as_dict(), "gpu_gb": args.gpu_gb, "max_context": largest}, indent=2))
+    else:
+        print(format_estimate(est, args.gpu_gb, largest))
+    return 0
