@@ -89,7 +89,7 @@ def test_eval_cli_rejects_bad_input(eval_checkpoint, tmp_path):  # noqa: F811
     shutil.copytree(eval_checkpoint, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*", "*.jinja"))
     with pytest.raises(ValueError, match="`--tokenizer`"):
         cli_main(["passkey", "--model", str(no_tokenizer)] + _rest(tmp_path))  # a model folder with no tokenizer
-    with pytest.raises(ValueError, match="`--model`='.*missing': no such folder"):
+    with pytest.raises(ValueError, match="`model`='.*missing': no such folder"):
         cli_main(["passkey", "--model", str(tmp_path / "missing")] + _rest(tmp_path))
     with pytest.raises(SystemExit):
         cli_main(["passkey", "--model", eval_checkpoint, "--dtype", "fp8"] + _rest(tmp_path))
