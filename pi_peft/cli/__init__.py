@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pi_peft.cli.demo", "the PI paper in miniature, on CPU, offline"),
     "push": ("pi_peft.cli.push", "upload an adapter with a generated model card to the Hub"),
     "export": ("pi_peft.cli.export", "export a merged model or a plain LoRA adapter for vLLM/llama.cpp"),
+    "gguf-to-hf": ("pi_peft.cli.gguf", "a GGUF file -> a transformers folder (safetensors, config, tokenizer)"),
 }
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, ImportError)
