@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # pi_peft.loading.DTYPES, named without importing torch
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +45,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", required=True, help="context lengths in tokens")
     parser.add_argument("--output-dir", required=True, help="folder for the JSON, Markdown and PNG files")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
 
 
