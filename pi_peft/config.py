@@ -64,6 +64,14 @@ class PIConfig(LoraConfig):
             trainable embeddings and norms close the gap. Costs a vocab x hidden matrix in the adapter.
         train_norms (`bool`, defaults to `False`):
             Train every normalisation layer fully (LongLoRA), saved through `modules_to_save`. Tiny.
+        s2_attn (`bool`, defaults to `False`):
+            Train with LongLoRA's shifted sparse attention (S²-Attn, [paper](https://arxiv.org/abs/2309.12307)): in
+            training mode each half of the heads attends causally within blocks of G = int(`s2_group_size_ratio` x T)
+            tokens, the second half with blocks shifted by G/2 (no wrap-around, never across packed documents).
+            Attention then costs O(T x G) instead of O(T^2). `eval()`, generation, `disable_adapter()`,
+            `merge_and_unload()` and exports use full attention. Needs an `sdpa`, `eager` or FlashAttention 2/3 model.
+        s2_group_size_ratio (`float`, defaults to `0.25`):
+            S²-Attn block size as a fraction of the training sequence length, in (0, 1] (LongLoRA's 1/4).
         base_rope_parameters (`dict`, *optional*):
             Filled in when the adapter is applied: the base model's `rope_parameters` before extension. Loading the
             adapter onto a base whose RoPE differs (e.g. an already merged model) raises instead of scaling twice.
@@ -103,6 +111,17 @@ class PIConfig(LoraConfig):
         default=False,
         metadata={"help": f"Fully train all normalisation layers, saved in the adapter (LongLoRA, {LONGLORA_PAPER})."},
     )
+    s2_attn: bool = field(
+        default=False,
+        metadata={
+            "help": f"Train with LongLoRA's shifted sparse attention (S²-Attn, {LONGLORA_PAPER}); full attention at "
+            "inference."
+        },
+    )
+    s2_group_size_ratio: float = field(
+        default=0.25,
+        metadata={"help": "S²-Attn block size as a fraction of the sequence length, in (0, 1] (LongLoRA: 0.25)."},
+    )
     base_rope_parameters: Optional[dict] = field(
         default=None,
         metadata={"help": "Recorded when applied: the base model's `rope_parameters` before extension."},
@@ -119,6 +138,8 @@ class PIConfig(LoraConfig):
             self.rope_type = self.rope_type.strip().lower()
         if _is_number(self.scaling_factor):
             self.scaling_factor = float(self.scaling_factor)
+        if _is_number(self.s2_group_size_ratio):
+            self.s2_group_size_ratio = float(self.s2_group_size_ratio)
 
         # validate
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -133,6 +154,17 @@ class PIConfig(LoraConfig):
                     f"`{name}`={getattr(self, name)!r} is not a parameter of rope_type={self.rope_type!r} "
                     f"(it belongs to {takers}); remove it or set `rope_type` to one of {takers}."
                 )
+        if not isinstance(self.s2_attn, bool):
+            raise TypeError(f"`s2_attn` must be True or False, got {self.s2_attn!r}.")
+        if (
+            not _is_number(self.s2_group_size_ratio)
+            or not math.isfinite(self.s2_group_size_ratio)
+            or not 0 < self.s2_group_size_ratio <= 1
+        ):
+            raise ValueError(
+                f"`s2_group_size_ratio` must be a number in (0, 1] (the S²-Attn block size as a fraction of the "
+                f"sequence length), got {self.s2_group_size_ratio!r}. LongLoRA uses 0.25."
+            )
         if self.context_length is None and self.scaling_factor is None:
             raise ValueError(
                 "PIConfig needs the target window: pass `context_length` (e.g. 16384) or `scaling_factor` (e.g. 4.0)."

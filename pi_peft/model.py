@@ -6,6 +6,7 @@ from typing import Optional
 from peft.tuners.lora import LoraModel
 from torch import nn
 
+from . import s2_attn
 from .config import PIConfig
 from .rope import (
     ROPE_TYPES,
@@ -74,6 +75,11 @@ class PIModel(LoraModel):
         peft_config.modules_to_save = self._pi_modules_to_save(peft_config, model)
         self._pi_target_rope(peft_config)  # validate now, before any module is replaced
         self._pi_sync_rope()
+        if not hasattr(self, "_pi_original_attn"):
+            self._pi_original_attn = model.config._attn_implementation
+        if peft_config.s2_attn and not peft_config.inference_mode:  # an unwrappable attention fails now, not later
+            s2_attn.s2_implementation_name(self._pi_original_attn, peft_config.s2_group_size_ratio)
+        self._pi_sync_attention()
 
     def _unload_and_optionally_merge(
         self,
@@ -86,6 +92,7 @@ class PIModel(LoraModel):
             self._pi_sync_rope(adapter_names)  # the merged model keeps the merged adapters' RoPE
         else:
             self._pi_apply(*self._pi_original_rope)
+        s2_attn.set_s2_attention(self.model, self._pi_original_attn, None)  # S²-Attn never outlives the adapter
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
@@ -94,19 +101,38 @@ class PIModel(LoraModel):
         super().disable_adapter_layers()
         self._pi_enabled = False
         self._pi_sync_rope()
+        self._pi_sync_attention()
 
     def enable_adapter_layers(self) -> None:
         super().enable_adapter_layers()
         self._pi_enabled = True
         self._pi_sync_rope()
+        self._pi_sync_attention()
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._pi_sync_rope()
+        self._pi_sync_attention()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._pi_sync_rope()
+        self._pi_sync_attention()
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`; also turns S²-Attn on (training) or off (`eval()`) for adapters with `s2_attn=True`."""
+        super().train(mode)
+        if hasattr(self, "_pi_original_attn"):
+            self._pi_sync_attention()
+        return self
+
+    def generate(self, *args, **kwargs):
+        """The model's `generate`, always with its own (full) attention, also while training with S²-Attn."""
+        s2_attn.set_s2_attention(self.model, self._pi_original_attn, None)
+        try:
+            return self.model.generate(*args, **kwargs)
+        finally:
+            self._pi_sync_attention()
 
     # ---- helpers ---------------------------------------------------------------------------------------------------
     def _pi_target_rope(self, config: PIConfig) -> tuple[dict, int]:
@@ -138,6 +164,14 @@ class PIModel(LoraModel):
                     "a model has one RoPE at a time, so activate them one at a time."
                 )
         self._pi_apply(*first)
+
+    def _pi_sync_attention(self) -> None:
+        """S²-Attn while the model trains with an enabled adapter that has `s2_attn=True`; its own attention else."""
+        ratio = None
+        if getattr(self, "_pi_enabled", True) and self.model.training:
+            configs = [self.peft_config[n] for n in self.active_adapters if n in self.peft_config]
+            ratio = s2_attn.s2_ratio_of([c for c in configs if isinstance(c, PIConfig) and not c.inference_mode])
+        s2_attn.set_s2_attention(self.model, self._pi_original_attn, ratio)
 
     def _pi_apply(self, rope_parameters: dict, max_position_embeddings: int) -> None:
         set_rope_parameters(self.model, rope_parameters, max_position_embeddings)
