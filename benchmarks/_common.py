@@ -30,11 +30,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from typing import Any, Optional
+
+# RSS, its high-water mark and torch's allocation peak: shared with `pi-peft estimate`'s check (`pi_peft.measure`)
+from pi_peft.measure import current_rss, peak_rss, reset_peak_rss, run_json_subprocess, torch_alloc_peak  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 1024**2
@@ -168,7 +170,8 @@ def build(config: str, dims: dict[str, Any], context_length: int, seed: int = 0,
         model = get_peft_model(model, lora)
         return model.train(), _default_loss
     if config == "pi_peft":
-        from pi_peft.memory import apply_memory_savers, attn_implementation, fused_causal_lm_loss
+        from pi_peft.losses import fused_causal_lm_loss
+        from pi_peft.memory import apply_memory_savers, attn_implementation
 
         model = AutoModelForCausalLM.from_config(model_config, attn_implementation=attn_implementation("cpu"))
         from pi_peft.train import PIArguments, PIModelConfig, make_pi_config
@@ -215,47 +218,6 @@ def batch(dims: dict[str, Any], context_length: int, batch_size: int = 1, seed: 
     return torch.randint(0, dims["vocab_size"], (batch_size, context_length), generator=g)  # (B, T)
 
 
-# ---- measurement inside the worker -------------------------------------------------------------------------------
-def current_rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def peak_rss() -> int:
-    """High-water mark of this process's resident set (`VmHWM`), in bytes.
-
-    Not `getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries that one across `exec`, so a worker would report its
-    parent's RSS at spawn time whenever its own peak is lower. `VmHWM` belongs to the address space created by `exec`.
-    """
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no procfs: the best available
-
-
-def reset_peak_rss() -> bool:
-    """Reset the high-water mark (Linux >= 4.0); False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def torch_alloc_peak(prof) -> tuple[int, int]:
-    """(peak, final) bytes of live CPU tensor allocations, replayed in time order from a memory profile."""
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()  # allocations positive, frees negative
-        peak = max(peak, live)
-    return peak, live
-
-
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Build one configuration and measure its training steps (run in a fresh process, see `run_worker`)."""
     import peft  # noqa: F401  (imported before the idle baseline is taken)
@@ -263,10 +225,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import transformers  # noqa: F401
 
     import pi_peft  # noqa: F401
-    import pi_peft.memory
+    import pi_peft.losses
     import pi_peft.train  # noqa: F401
 
-    pi_peft.memory.available_loss_backends()  # imports trl's loss kernel now, so that the import is not in the step
+    pi_peft.losses.available_loss_backends()  # imports trl's loss kernel now, so that the import is not in the step
     threads = int(spec.get("threads", 0)) or os.cpu_count()
     torch.set_num_threads(threads)
     dims = spec.get("dims") or bench_dims(bool(spec.get("smoke")))
@@ -341,12 +303,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 def run_worker(spec: dict[str, Any], timeout: Optional[float] = None) -> dict[str, Any]:
     """Run [`worker`] in a fresh Python process and return its measurements; raises with the worker's stderr if it
     fails (an out-of-memory kill included)."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, os.path.join(HERE, "_common.py"), json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec} exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_subprocess([os.path.join(HERE, "_common.py"), json.dumps(spec)], timeout=timeout)
 
 
 # ---- analysis ----------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def estimate_for(run: dict[str, Any]):
     lora = run["lora"]
     backend = (run.get("loss_kwargs") or {}).get("backend", "auto")
     if backend == "auto":  # what `fused_causal_lm_loss` picked on this CPU
-        from pi_peft.memory import available_loss_backends
+        from pi_peft.losses import available_loss_backends
 
         backend = available_loss_backends("cpu")[0]
     loss = "full" if plain else ("chunked" if backend == "chunked" else "fused")

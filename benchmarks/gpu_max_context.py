@@ -124,7 +124,7 @@ def make_fits(model) -> tuple[Callable[[int], bool], dict[int, int]]:
     """`fits(T)`: one training step at T tokens completes; its `max_memory_allocated` goes into the dict."""
     import torch
 
-    from pi_peft.memory import fused_causal_lm_loss
+    from pi_peft.losses import fused_causal_lm_loss
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
     vocab = model.get_base_model().config.vocab_size

@@ -1,13 +1,14 @@
 """
 Check `pi-peft estimate` against measured peaks: fp32 LoRA training steps of tiny Llama configs on CPU, peak RSS of a
-fresh subprocess minus its RSS after the imports (`pi_peft.estimate.measure_cpu_peak`), at several context lengths.
+fresh subprocess minus its RSS after the imports (`pi_peft.measure.measure_cpu_peak`), at several context lengths.
 
 ```bash
 python recipes/check_estimate.py            # prints a markdown table
 ```
 """
 
-from pi_peft.estimate import estimate_memory, measure_cpu_peak
+from pi_peft.estimate import estimate_memory
+from pi_peft.measure import measure_cpu_peak
 
 CONFIGS = {
     "h128-L2-V2048": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,

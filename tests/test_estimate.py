@@ -5,13 +5,8 @@ import re
 import pytest
 
 from pi_peft.cli.estimate import cli_main
-from pi_peft.estimate import (
-    GIB,
-    estimate_memory,
-    max_context,
-    measure_cpu_peak,
-    recipe_row,
-)
+from pi_peft.estimate import GIB, estimate_memory, max_context, recipe_row
+from pi_peft.measure import measure_cpu_peak
 
 LLAMA2 = "meta-llama/Llama-2-7b-hf"
 RECIPES = sorted(glob.glob("recipes/*.yaml"))
@@ -91,6 +86,6 @@ def test_estimator_chunk_default_matches_the_loss_default():
     import inspect
 
     from pi_peft.estimate import estimate_memory
-    from pi_peft.memory import DEFAULT_CHUNK_TOKENS
+    from pi_peft.losses import DEFAULT_CHUNK_TOKENS
 
     assert inspect.signature(estimate_memory).parameters["loss_chunk_tokens"].default == DEFAULT_CHUNK_TOKENS

@@ -3,9 +3,11 @@ import torch
 import torch.nn.functional as F
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
+import pi_peft.losses as losses
 import pi_peft.memory as memory
 from pi_peft import PIConfig
-from pi_peft.memory import apply_memory_savers, attn_implementation, causal_lm_loss, fused_causal_lm_loss
+from pi_peft.losses import causal_lm_loss, chunked_nll, fused_causal_lm_loss
+from pi_peft.memory import apply_memory_savers, attn_implementation
 
 
 def _reference_loss(hidden, weight, labels):
@@ -36,7 +38,7 @@ def test_chunked_loss_never_builds_more_than_one_chunk_of_logits(monkeypatch):
         seen.append(tuple(logits.shape))
         return original(logits, *args, **kwargs)
 
-    monkeypatch.setattr(memory.F, "cross_entropy", spy)
+    monkeypatch.setattr(losses.F, "cross_entropy", spy)
     hidden, weight = torch.randn(1, 101, 8, requires_grad=True), torch.randn(50, 8)
     causal_lm_loss(hidden, weight, torch.randint(0, 50, (1, 101)), backend="chunked", chunk_tokens=16).backward()
     assert seen and max(rows for rows, _ in seen) <= 16  # 100 scored tokens, never more than 16 rows of logits
@@ -55,10 +57,57 @@ def test_fused_causal_lm_loss_matches_model_loss_on_a_pi_model(base):
     torch.testing.assert_close(fused_causal_lm_loss(model, ids), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["trl", "chunked"])
+def test_softcapped_loss_equals_full_cross_entropy_of_capped_logits(backend):
+    hidden = torch.randn(1, 30, 16, requires_grad=True)
+    weight = torch.randn(64, 16) * 3  # logits well beyond the cap
+    labels = torch.randint(0, 64, (1, 30))
+    logits = 5.0 * torch.tanh((hidden @ weight.t()) / 5.0)  # (1, 30, 64)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1))
+    loss = causal_lm_loss(hidden, weight, labels, backend=backend, chunk_tokens=7, softcap=5.0)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(loss, hidden)[0], torch.autograd.grad(ref, hidden)[0])
+    assert abs(causal_lm_loss(hidden, weight, labels, backend=backend).item() - ref.item()) > 0.1  # the cap matters
+
+
+def test_fused_loss_reads_final_logit_softcapping_from_the_config(base):
+    base.config.final_logit_softcapping = 0.5  # the model's own loss ignores it for Llama: compare by hand
+    ids = torch.randint(0, 128, (1, 50))
+    with torch.no_grad():
+        hidden = base.model(input_ids=ids).last_hidden_state
+        logits = 0.5 * torch.tanh(base.lm_head(hidden) / 0.5)  # (1, 50, V)
+        ref = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+        torch.testing.assert_close(fused_causal_lm_loss(base, ids, backend="chunked"), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_nll_without_grad_takes_the_head_module_and_checks_its_chunk():
+    head = torch.nn.Linear(8, 20)  # with a bias, as an output module may have
+    hidden, targets = torch.randn(33, 8), torch.randint(0, 20, (33,))
+    with torch.no_grad():
+        ref = F.cross_entropy(head(hidden), targets, reduction="sum")
+        torch.testing.assert_close(chunked_nll(hidden, head, targets, 10), ref)
+    with pytest.raises(ValueError, match="`chunk_tokens` must be a positive int, got 0"):
+        chunked_nll(hidden, head, targets, 0)
+
+
 def test_apply_memory_savers_enables_non_reentrant_checkpointing(base):
     model = apply_memory_savers(get_peft_model(base, PIConfig(context_length=128, r=4)))
     assert model.base_model.model.model.gradient_checkpointing
     assert attn_implementation("cpu") == "sdpa"
+
+
+def test_apply_memory_savers_uses_current_checkpointing_names(base):
+    """Regression (issue 13, item 12): `gradient_checkpointing_enable` is deprecated in transformers 5.2x and raised a
+    FutureWarning on every call; pi_peft calls `activation_checkpointing_enable`."""
+    import warnings
+
+    model = get_peft_model(base, PIConfig(context_length=128, r=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        apply_memory_savers(model)
+        model.train()
+        fused_causal_lm_loss(model, torch.randint(0, 128, (1, 40))).backward()
+    assert model.base_model.model.model.gradient_checkpointing
 
 
 # ---- bitsandbytes 4-bit on CPU ----

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
+
+from ..losses import chunked_nll
 
 
 @dataclass
@@ -76,13 +77,7 @@ def window_nll(model, input_ids: torch.Tensor, n_scored: Sequence[int], loss_chu
         t = input_ids.shape[1]
         h = hidden[b, t - 1 - n : t - 1]  # (n, H): positions predicting the last n tokens
         targets = input_ids[b, t - n :]  # (n,)
-        total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
-        for s in range(0, n, loss_chunk_size):
-            logits = head(h[s : s + loss_chunk_size]).float()  # (chunk, V)
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            total += F.cross_entropy(logits, targets[s : s + loss_chunk_size], reduction="sum")
-        totals.append(total)
+        totals.append(chunked_nll(h, head, targets, loss_chunk_size, softcap=softcap))  # fp32 scalar
     return torch.stack(totals)  # (B,)
 
 
