@@ -45,8 +45,8 @@ class MLAConfig(PIConfig):
             best). `"2-norm"` needs `pi_peft.mla.initialize_mla_weights(model, calibration_batches)` after
             `get_peft_model`, like peft's EVA initialisation.
         rope_pairs (`list`, *optional*):
-            Filled in when the conversion is applied: the kept frequency-pair indices, `[layer][kv_head][pair]`. A saved
-            adapter re-applies exactly these, so loading needs no calibration data.
+            Filled in when the conversion is applied: the kept frequency-pair indices, `[layer][kv_head][pair]`. A
+            saved adapter re-applies exactly these, so loading needs no calibration data.
     """
 
     kv_rank: Optional[int] = field(

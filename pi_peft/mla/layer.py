@@ -115,7 +115,7 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         return next(iter(self.mla_kv_down))
 
     def set_pairs(self, pairs: torch.Tensor) -> None:
-        """Record the kept frequency pairs ``(G, r/2)`` and derive the per-head dim indices (not saved: the config is)."""
+        """Record the kept frequency pairs ``(G, r/2)``; derive per-head dim indices (not saved: the config is)."""
         d, group = self.head_dim, self.num_heads // self.num_kv_heads
         device = self.base_layer.q_proj.weight.device
         k_rope, k_nope = pair_dims(pairs, d), nope_dims(pairs, d)  # (G, r), (G, n)

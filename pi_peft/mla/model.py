@@ -46,7 +46,7 @@ class MLAModel(PIModel):
     original model (original attention and RoPE); merging is refused (MLA has no standard-attention equivalent).
 
     Args:
-        model ([`~transformers.PreTrainedModel`]): A RoPE model with separate q/k/v projections (Llama, Mistral, Qwen2).
+        model ([`~transformers.PreTrainedModel`]): A RoPE model with separate q/k/v projections (Llama, Qwen2).
         config ([`MLAConfig`]): The configuration of the adapter.
         adapter_name (`str`, defaults to `"default"`): The name of the adapter.
 
@@ -68,8 +68,8 @@ class MLAModel(PIModel):
         targets = peft_config.target_modules
         if isinstance(targets, (list, set, tuple)) and set(targets) & set(_KV_NAMES):
             raise ValueError(
-                f"`target_modules`={sorted(targets)} names {sorted(set(targets) & set(_KV_NAMES))}, which MLA replaces "
-                "(keys and values come from the latent); remove them. The MLA matrices train without LoRA."
+                f"`target_modules`={sorted(targets)} names {sorted(set(targets) & set(_KV_NAMES))}, which MLA "
+                "replaces (keys and values come from the latent); remove them. The MLA matrices train without LoRA."
             )
         super()._prepare_model(peft_config, model)
 
@@ -115,7 +115,8 @@ class MLAModel(PIModel):
             fused = _fused_qkv_names(model)
             detail = f" It has fused projections ({fused[0]}, ...)." if fused else ""
             raise ValueError(
-                f"MLA needs attention layers with separate `q_proj`/`k_proj`/`v_proj`/`o_proj` (Llama, Mistral, Qwen2); "
+                f"MLA needs attention layers with separate `q_proj`/`k_proj`/`v_proj`/`o_proj` (Llama, Mistral, "
+                "Qwen2); "
                 f"{type(model).__name__} has none.{detail} Split a fused qkv projection into three first."
             )
         attn = layers[0][1]

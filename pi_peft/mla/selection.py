@@ -38,7 +38,7 @@ def fixed_pairs(selection: str, head_dim: int, rope_dims: int, kv_heads: int) ->
 
 
 def pair_norms(states: torch.Tensor) -> torch.Tensor:
-    """2-norm of every rotary pair: ``(..., head_dim) -> (..., head_dim / 2)``; pair ``i`` is dims ``(i, i + hd/2)``."""
+    """2-norm of every rotary pair: ``(..., d) -> (..., d / 2)``; pair ``i`` is dims ``(i, i + d/2)``."""
     half = states.shape[-1] // 2
     return torch.sqrt(states[..., :half].float() ** 2 + states[..., half:].float() ** 2)
 
@@ -55,13 +55,13 @@ def two_norm_scores(q_norms: torch.Tensor, k_norms: torch.Tensor) -> torch.Tenso
 
 
 def top_pairs(scores: torch.Tensor, rope_dims: int) -> torch.Tensor:
-    """The ``rope_dims / 2`` highest-scoring pairs per kv head, sorted: ``(kv_heads, P) -> (kv_heads, rope_dims/2)``."""
+    """The ``rope_dims / 2`` highest-scoring pairs per kv head, sorted: ``(kv_heads, P) -> (kv_heads, r/2)``."""
     keep = rope_dims // 2
     return torch.topk(scores, keep, dim=-1).indices.sort(dim=-1).values
 
 
 def pair_dims(pairs: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Head dimensions of the kept pairs in half-split layout, ``(kv_heads, p) -> (kv_heads, 2p)``: ``[P_0.., P_0+hd/2..]``.
+    """Head dims of the kept pairs, half-split layout: ``(kv_heads, p) -> (kv_heads, 2p)`` = ``[P.., P + d/2..]``.
 
     `rotate_half` on the gathered ``2p`` dims then pairs exactly the dims transformers pairs in the full head.
     """

@@ -1,0 +1,385 @@
+"""MHA2MLA adapter (pi_peft.mla): exact conversion, latent cache, generation, save/load, PI on kept dims, errors."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from pi_peft.mla import MLAAttention, MLACache, MLAConfig, MLAModel, initialize_mla_weights, joint_svd
+from pi_peft.mla.selection import fixed_pairs, nope_dims, pair_dims, pair_norms, top_pairs, two_norm_scores
+from pi_peft.tiny import TINY_DIMS, tiny_model
+
+L = TINY_DIMS["max_position_embeddings"]
+HEAD_DIM = TINY_DIMS["hidden_size"] // TINY_DIMS["num_attention_heads"]  # 16
+KV_HEADS = TINY_DIMS["num_key_value_heads"]  # 2
+FULL_RANK = 2 * KV_HEADS * HEAD_DIM  # 64 = hidden_size: the stacked [W_k; W_v] of a tiny layer
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, use_cache=False, **kwargs).logits
+
+
+def mla_model(family="llama", seed=0, **kwargs):
+    kwargs.setdefault("kv_rank", 24)
+    kwargs.setdefault("rope_dims", 4)
+    return get_peft_model(tiny_model(family, seed=seed), MLAConfig(**kwargs))
+
+
+def perturb(model, seed=3):
+    """Move every trainable weight (MLA matrices, LoRA A and B) away from its initial value, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+# ---- the conversion itself ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # qwen2: k/v biases go to the up-projections
+def test_all_rotary_dims_and_full_rank_reproduce_the_original_logits(family, ids):
+    reference = logits(tiny_model(family), ids)
+    model = mla_model(family, kv_rank=2 * KV_HEADS * HEAD_DIM - KV_HEADS * HEAD_DIM, rope_dims=HEAD_DIM)
+    assert all(isinstance(layer.self_attn, MLAAttention) for layer in model.base_model.model.model.layers)
+    torch.testing.assert_close(logits(model, ids), reference, atol=2e-5, rtol=1e-4)
+
+
+def test_compressed_model_differs_and_disable_adapter_gives_the_original(ids):
+    reference = logits(tiny_model("llama"), ids)
+    model = mla_model(kv_rank=8, rope_dims=4)
+    assert (logits(model, ids) - reference).abs().max() > 1e-3  # partial RoPE + rank 8 is a different model
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, ids), reference)
+    torch.testing.assert_close(logits(model.unload(), ids), reference)
+
+
+def test_joint_svd_is_exact_at_full_rank_and_optimal_below():
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(20, 64, generator=gen), torch.randn(32, 64, generator=gen)
+    down, k_up, v_up = joint_svd(k, v, 52)
+    torch.testing.assert_close(torch.cat([k_up, v_up]) @ down, torch.cat([k, v]), atol=1e-4, rtol=1e-4)
+    down, k_up, v_up = joint_svd(k, v, 10)
+    assert down.shape == (10, 64) and k_up.shape == (20, 10) and v_up.shape == (32, 10)
+    s = torch.linalg.svdvals(torch.cat([k, v]))
+    error = torch.linalg.matrix_norm(torch.cat([k_up, v_up]) @ down - torch.cat([k, v]))
+    torch.testing.assert_close(error, s[10:].square().sum().sqrt(), atol=1e-3, rtol=1e-4)  # Eckart-Young
+
+
+def test_fixed_selections_and_dim_layout():
+    assert fixed_pairs("high", 16, 4, 2).tolist() == [[0, 1], [0, 1]]
+    assert fixed_pairs("low", 16, 4, 1).tolist() == [[6, 7]]
+    assert fixed_pairs("uniform", 16, 8, 1).tolist() == [[0, 2, 4, 6]]
+    pairs = torch.tensor([[1, 5]])
+    assert pair_dims(pairs, 16).tolist() == [[1, 5, 9, 13]]  # rotate_half pairs (1, 9) and (5, 13) as transformers
+    assert nope_dims(pairs, 16).tolist() == [[0, 2, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15]]
+
+
+def test_two_norm_scores_sum_query_heads_of_a_group():
+    q = torch.zeros(4, 3)  # 4 query heads, 3 pairs; 2 kv heads -> groups {0, 1} and {2, 3}
+    q[0, 2], q[1, 2], q[2, 0] = 1.0, 2.0, 5.0
+    k = torch.ones(2, 3)
+    k[1, 1] = 10.0
+    scores = two_norm_scores(q, k)
+    assert scores.tolist() == [[0.0, 0.0, 3.0], [5.0, 0.0, 0.0]]
+    assert top_pairs(scores, 2).tolist() == [[2], [0]]  # rope_dims=2: one pair per kv head
+    states = torch.tensor([[3.0, 0.0, 4.0, 1.0]])  # pairs (0, 2) and (1, 3)
+    assert pair_norms(states).tolist() == [[5.0, 1.0]]
+
+
+# ---- compressed cache and generation -----------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_generate_caches_only_the_latent_and_kept_rope_keys(family):
+    kv_rank, rope_dims = 8, 4
+    model = mla_model(family, kv_rank=kv_rank, rope_dims=rope_dims).eval()
+    prompt = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    cache = out.past_key_values
+    assert isinstance(cache, MLACache)
+    tokens = out.sequences.shape[1] - 1  # the last token is generated, never fed back
+    for layer_idx, layer in enumerate(cache.layers):
+        per_token = sum(t.numel() for t in (layer.keys, layer.values)) // (2 * tokens)
+        assert per_token == cache.values_per_token(layer_idx) == kv_rank + KV_HEADS * rope_dims  # 16
+        assert per_token < 2 * KV_HEADS * HEAD_DIM  # 64 for the original K/V
+        assert cache.latent(layer_idx).shape == (2, tokens, kv_rank)
+        assert cache.rope_keys(layer_idx).shape == (2, KV_HEADS, tokens, rope_dims)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_greedy_with_the_latent_cache_equals_full_recomputation(family, attn):
+    model = mla_model(family, kv_rank=12, rope_dims=6, rope_selection="uniform").eval()
+    perturb(model)
+    model.config._attn_implementation = attn
+    prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    cached = model.generate(prompt, **kwargs)
+    recomputed = model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached, recomputed)
+    # step logits: absorbed decoding, rebuilt keys/values and no cache agree
+    seq = cached[:, :-1]
+    full = logits(model, seq)[:, -1]
+    for absorb in (True, False):
+        for m in model.modules():
+            if isinstance(m, MLAAttention):
+                m.absorb = absorb
+        cache = MLACache()
+        with torch.no_grad():
+            model(seq[:, :-1], past_key_values=cache, use_cache=True)
+            step = model(seq[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_generation_with_left_padding_matches_single_rows():
+    model = mla_model(kv_rank=12, rope_dims=4).eval()
+    perturb(model)
+    a = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(6))
+    b = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(7))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], dim=1)])
+    mask = torch.cat([torch.ones(1, 7), torch.cat([torch.zeros(1, 3), torch.ones(1, 4)], dim=1)]).long()
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, **kwargs)
+    assert torch.equal(together[0, 7:], model.generate(a, **kwargs)[0, 7:])
+    assert torch.equal(together[1, 7:], model.generate(b, **kwargs)[0, 4:])
+
+
+def test_static_cache_is_refused():
+    from transformers import StaticCache
+
+    model = mla_model().eval()
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with pytest.raises(ValueError, match=r"needs a dynamic cache with plain `DynamicLayer`s; got StaticLayer"):
+        model(torch.zeros(1, 4, dtype=torch.long), past_key_values=cache, use_cache=True)
+
+
+# ---- PI on the kept dims -----------------------------------------------------------------------------------------
+def test_pi_scales_only_the_kept_rotary_dims(ids):
+    positions = torch.arange(ids.shape[1]).expand(2, -1)
+    mask = torch.ones_like(ids)  # with a mask, position_ids are positions (not packed-sequence boundaries)
+    plain, extended = mla_model(kv_rank=16, rope_dims=4), mla_model(kv_rank=16, rope_dims=4, scaling_factor=4.0)
+    assert extended.config.rope_parameters["factor"] == 4.0 and extended.config.max_position_embeddings == 4 * L
+    assert plain.config.rope_parameters.get("rope_type", "default") == "default"
+    perturb(plain), perturb(extended)
+
+    def run(model, pos):
+        return logits(model, ids, position_ids=pos, attention_mask=mask)
+
+    # kept dims turn at inv_freq / 4: position 4p under PI is position p without it
+    torch.testing.assert_close(run(extended, 4 * positions), run(plain, positions))
+    assert (run(extended, positions) - run(plain, positions)).abs().max() > 1e-4  # and PI does change the model
+    # the other dims do not turn at all: without the RoPE keys, positions do not matter (PI or not)
+    for model in (plain, extended):
+        assert (run(model, positions) - run(model, 7 * positions + 3)).abs().max() > 1e-4
+        for m in model.modules():
+            if isinstance(m, MLAAttention):
+                torch.nn.init.zeros_(m.mla_k_rope["default"].weight)
+        torch.testing.assert_close(run(model, positions), run(model, 7 * positions + 3))
+    with extended.disable_adapter():  # original attention and original RoPE
+        assert extended.config.rope_parameters.get("factor") is None
+        torch.testing.assert_close(logits(extended, ids), logits(tiny_model("llama"), ids))
+
+
+# ---- save / load -------------------------------------------------------------------------------------------------
+def test_save_then_fresh_process_gives_equal_logits(tmp_path, tiny_checkpoint, ids):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    model = get_peft_model(base, MLAConfig(kv_rank=10, rope_dims=6, rope_selection="low", scaling_factor=2.0))
+    perturb(model)
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "MLA" and saved["kv_rank"] == 10 and saved["rope_pairs"][0] == [[5, 6, 7]] * 2
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {k.split(".")[-2] for k in weights if ".mla_" in k} == {"mla_kv_down", "mla_k_rope", "mla_k_up", "mla_v_up"}
+    assert not any("k_proj" in k or "v_proj" in k for k in weights)
+    torch.save({"ids": ids}, tmp_path / "ids.pt")
+    code = f"""
+        import torch, pi_peft
+        from peft import AutoPeftModelForCausalLM
+        model = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r}).eval()
+        ids = torch.load({str(tmp_path / "ids.pt")!r})["ids"]
+        with torch.no_grad():
+            torch.save(model(ids, use_cache=False).logits, {str(tmp_path / "out.pt")!r})
+        print(type(model.base_model).__name__, model.config.rope_parameters["factor"])
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MLAModel 2.0" in result.stdout
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected)
+    # in this process too, through PeftModel.from_pretrained, trainable again
+    loaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_checkpoint), tmp_path / "adapter", is_trainable=True
+    )
+    torch.testing.assert_close(logits(loaded, ids), expected)
+    assert any(p.requires_grad for n, p in loaded.named_parameters() if ".mla_" in n)
+    assert isinstance(AutoPeftModelForCausalLM, type)
+
+
+def test_two_norm_selection_uses_calibration_data_and_is_saved(tmp_path, ids):
+    model = mla_model(kv_rank=16, rope_dims=4, rope_selection="2-norm")
+    with pytest.raises(RuntimeError, match=r"rope_selection='2-norm' and has not seen calibration data.*initialize"):
+        model(ids)
+    with pytest.raises(ValueError, match=r"needs calibration data: pass `calibration_data`"):
+        initialize_mla_weights(model, None)
+    with pytest.raises(ValueError, match=r"`calibration_data` was empty"):
+        initialize_mla_weights(model, [])
+    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    pairs = initialize_mla_weights(model, batches)
+    # independent computation on the original model: mean pair norms of q and k, product, summed over the group
+    base = tiny_model("llama")
+    expected = []
+    for layer in base.model.layers:
+        attn = layer.self_attn
+        states = {}
+        hooks = [
+            attn.q_proj.register_forward_hook(lambda m, i, o, s=states: s.setdefault("q", []).append(o)),
+            attn.k_proj.register_forward_hook(lambda m, i, o, s=states: s.setdefault("k", []).append(o)),
+        ]
+        with torch.no_grad():
+            for batch in batches:
+                base(batch)
+        for hook in hooks:
+            hook.remove()
+        q = torch.cat(states["q"]).view(-1, 4, HEAD_DIM)
+        k = torch.cat(states["k"]).view(-1, KV_HEADS, HEAD_DIM)
+        qn = (q[..., :8] ** 2 + q[..., 8:] ** 2).sqrt().mean(0)  # (4, 8)
+        kn = (k[..., :8] ** 2 + k[..., 8:] ** 2).sqrt().mean(0)  # (2, 8)
+        score = (qn.view(2, 2, 8) * kn[:, None]).sum(1)
+        expected.append(score.topk(2).indices.sort().values)
+    assert torch.equal(pairs, torch.stack(expected))
+    assert model.peft_config["default"].rope_pairs == pairs.tolist()
+    out = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)  # no calibration data needed to load
+    torch.testing.assert_close(logits(loaded, ids), out)
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+def test_only_mla_and_lora_weights_train():
+    model = mla_model(kv_rank=16, rope_dims=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all((".mla_" in n) or ("lora_" in n) for n in trainable)
+    assert any(".mla_kv_down." in n for n in trainable) and not any("k_proj" in n or "v_proj" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    batch = torch.randint(0, 128, (2, 16))
+    for _ in range(2):
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+    assert any(".mla_k_up." in n for n in changed) and any("lora_B" in n for n in changed)
+
+
+def test_sft_trainer_with_mla_config(tmp_path, tiny_tokenizer):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    vocab = len(tiny_tokenizer)
+    dataset = Dataset.from_dict({"input_ids": torch.randint(3, vocab, (8, 2 * L)).tolist()})
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        bf16=False,
+        max_length=2 * L,
+        report_to="none",
+        save_strategy="no",
+    )
+    trainer = SFTTrainer(
+        model=tiny_model("llama", vocab_size=vocab),
+        args=args,
+        processing_class=tiny_tokenizer,
+        train_dataset=dataset,
+        peft_config=MLAConfig(kv_rank=16, rope_dims=4, context_length=2 * L),
+    )
+    assert isinstance(trainer.model.base_model, MLAModel)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".mla_" in n}
+    trainer.train()
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+    trainer.save_model(str(tmp_path / "final"))
+    assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["peft_type"] == "MLA"
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(kv_rank=8, rope_dims=3), ValueError, r"`rope_dims` must be a positive even int .* got 3"),
+        (dict(kv_rank=8, rope_dims=0), ValueError, r"`rope_dims` must be a positive even int .* got 0"),
+        (dict(kv_rank=0, rope_dims=4), ValueError, r"`kv_rank` must be a positive int .* got 0"),
+        (dict(kv_rank=-2, rope_dims=4), ValueError, r"`kv_rank` must be a positive int .* got -2"),
+        (dict(kv_rank=8), ValueError, r"needs `kv_rank` .* and `rope_dims`"),
+        (dict(kv_rank=8, rope_dims=4, rope_selection="middle"), ValueError, r"`rope_selection` must be one of"),
+    ],
+)
+def test_bad_config_values_fail_clearly(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MLAConfig(**kwargs)
+
+
+def test_selection_spelling_is_normalised():
+    assert MLAConfig(kv_rank=8, rope_dims=4, rope_selection=" 2_Norm ").rope_selection == "2-norm"
+    config = MLAConfig(kv_rank=8, rope_dims=4)
+    assert config.peft_type == "MLA" and config.scaling_factor == 1.0 and config.target_modules == "all-linear"
+
+
+def test_bad_values_for_this_model_fail_clearly():
+    with pytest.raises(ValueError, match=r"`rope_dims`=18 is larger than the model's head_dim=16"):
+        mla_model(rope_dims=18)
+    # rank of [W_k no-RoPE rows; W_v] <= min(hidden 64, 2 heads x (16 - 4) + 2 heads x 16 = 56)
+    with pytest.raises(ValueError, match=r"`kv_rank`=57 is larger than a layer can hold.*pick `kv_rank` <= 56"):
+        mla_model(kv_rank=57, rope_dims=4)
+    mla_model(kv_rank=56, rope_dims=4)
+    with pytest.raises(ValueError, match=r"`target_modules`=\['k_proj', 'q_proj'\] names \['k_proj'\]"):
+        mla_model(target_modules=["q_proj", "k_proj"])
+
+
+def test_models_mla_cannot_convert_fail_clearly():
+    from transformers import AutoModelForCausalLM, GPT2Config, Phi3Config, Qwen3Config
+
+    gpt2 = AutoModelForCausalLM.from_config(
+        GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    )
+    with pytest.raises(ValueError, match=r"has no rotary position embeddings"):
+        get_peft_model(gpt2, MLAConfig(kv_rank=8, rope_dims=4, target_modules=["c_proj"]))
+    phi3 = AutoModelForCausalLM.from_config(
+        Phi3Config(
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=64,
+            pad_token_id=0,
+        )
+    )
+    with pytest.raises(ValueError, match=r"separate `q_proj`/`k_proj`/`v_proj`/`o_proj`.*fused projections"):
+        get_peft_model(phi3, MLAConfig(kv_rank=8, rope_dims=4))
+    qwen3 = AutoModelForCausalLM.from_config(Qwen3Config(**{**TINY_DIMS, "head_dim": 16}))
+    with pytest.raises(ValueError, match=r"normalises keys per head \(`k_norm`, e.g. Qwen3\)"):
+        get_peft_model(qwen3, MLAConfig(kv_rank=8, rope_dims=4))
+
+
+def test_merge_is_refused_with_the_reason():
+    model = mla_model()
+    with pytest.raises(ValueError, match=r"MLA adapter cannot be merged into the base model: partial RoPE"):
+        model.merge_and_unload()
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    model = mla_model(kv_rank=8, rope_dims=4)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"`rope_pairs` has shape \(2, 2, 2\) but this model needs .* = \(3, 2, 2\)"):
+        PeftModel.from_pretrained(tiny_model("llama", num_hidden_layers=3), tmp_path)
