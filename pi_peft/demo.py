@@ -3,41 +3,55 @@
 1. Corpus: Python's own standard library sources (on every machine), split by file into train / held-out text, plus
    passkey documents (the prompt of :mod:`pi_peft.evaluation.passkey` followed by its answer) mixed into
    pretraining. A byte-level BPE tokenizer with one token per digit is trained on it.
-2. Pretrain a small Llama at a short window ``L`` (``rope_theta`` scaled down so that ``L / rope_theta`` is close to
-   Llama 2's ``4096 / 10000``: the low-frequency RoPE dimensions matter as they do at full scale).
-3. Extend it to ``4L`` four ways, all through pi_peft's own code path:
+2. Pretrain a small Llama at a short window ``L`` with Llama 2's ``rope_theta`` (10000), or load it from the user's
+   cache directory (``$XDG_CACHE_HOME/pi_peft/demo/<hash of the pretraining settings and tokenizer>``, written
+   atomically; the first run pretrains, a re-run skips it).
+3. Extend it to ``4L`` five ways (:data:`ARMS`), all through pi_peft's own code path:
    ``extrapolation`` (the base as is), ``pi`` (``get_peft_model(base, PIConfig(scaling_factor=4))``, no training),
    ``direct-ft`` (the same LoRA + embeddings + norms adapter with ``scaling_factor=1``, i.e. no PI, fine-tuned at
-   ``4L``) and ``pi-ft`` (PI + LoRA + embeddings + norms, fine-tuned at ``4L``). Both fine-tunings get the same batches
-   (``4L`` crops of the training code; half of the rows start with a passkey document of at most ``L`` tokens, a
-   replay of the pretraining mix, so that no model is ever trained to retrieve past ``L``), steps and learning rate.
+   ``4L``), ``pi-ft`` (PI + LoRA + embeddings + norms, fine-tuned at ``4L``: the product) and ``pi-full-ft`` (PI +
+   full fine-tuning: the paper's setting). Every fine-tuning gets the same batches (``4L`` crops of the training
+   code; half of the rows start with a passkey document of at most ``L`` tokens, so that no model is taught to
+   retrieve past ``L``: the paper's question is whether retrieval generalises to ``4L``) and steps; passkey accuracy
+   at ``L``, ``2L``, ``4L`` is probed at a few steps (learning curves).
 4. Evaluate: perplexity (sliding window) at ``L``, ``2L``, ``4L`` on held-out files; passkey accuracy on a grid of
-   lengths x needle depths, and ``k_max``. Prints the table and writes into ``--output-dir``:
-   ``demo.json`` (settings, timings, every number), ``demo.md`` (the table), and the evaluation files of
-   :mod:`pi_peft.evaluation.cli` (``ppl.json/.md/.png``, ``passkey.json/.md/.png``).
+   lengths x needle depths, and ``k_max``; the paper's claims checked on these numbers. Prints the table and writes
+   into ``--output-dir``: ``demo.json`` (settings, timings, every number), ``demo.md`` (the tables), and the
+   evaluation files of :mod:`pi_peft.evaluation.cli` (``ppl.json/.md/.png``, ``passkey.json/.md/.png``).
 
 Usage::
 
-    pi-peft demo                # about 6-8 minutes on 2 CPU cores
-    pi-peft demo --quick        # under 2 minutes, a smoke test of the whole pipeline
+    pi-peft demo                # about 12 minutes on 2 CPU cores with the base cached; the first run pretrains too
+    pi-peft demo --quick        # about a minute, a smoke test of the whole pipeline that claims nothing
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import glob
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
-DEMO_MODELS = ("extrapolation", "pi", "direct-ft", "pi-ft")
+# arm -> (RoPE scaling factor as a multiple of ``factor`` (0: none), fine-tuning: None, "lora" or "full")
+ARMS = {
+    "extrapolation": (0, None),
+    "pi": (1, None),
+    "direct-ft": (0, "lora"),
+    "pi-ft": (1, "lora"),
+    "direct-full-ft": (0, "full"),
+    "pi-full-ft": (1, "full"),
+}
+DEMO_MODELS = ("extrapolation", "pi", "direct-ft", "pi-ft", "pi-full-ft")
+CACHE_FORMAT = 1  # bump when the cached base's layout or the pretraining code changes
 
 
 @dataclass
@@ -48,27 +62,31 @@ class DemoConfig:
     intermediate_size: int = 384
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
-    rope_theta: float = 500.0  # L / theta ~ Llama 2's 4096 / 10000
+    rope_theta: float = 10000.0  # Llama 2's (round 3 of docs/demo/EXPERIMENTS.md: 500 hides PI's result)
     vocab_size: int = 1024
     corpus_chars: int = 3_000_000
     heldout_every: int = 10  # every 10th file is held out for perplexity
-    pretrain_steps: int = 1000
-    pretrain_batch: int = 16
-    pretrain_lr: float = 2e-3
-    passkey_fraction: float = 0.5  # of pretraining rows that start with a passkey document
-    finetune_steps: int = 120
-    finetune_batch: int = 4  # 4 x 4L tokens = pretraining tokens per step
-    finetune_lr: float = 1e-3
-    finetune_passkey_fraction: float = 0.5  # replay of the pretraining mix: passkey documents of at most L tokens
+    pretrain_steps: int = 3000
+    pretrain_batch: int = 8
+    pretrain_lr: float = 1e-3
+    passkey_fraction: float = 0.3  # of pretraining rows that start with a passkey document
+    finetune_steps: int = 400
+    finetune_batch: int = 8  # 8 x 4L tokens per step
+    finetune_lr: float = 1e-3  # LoRA arms
+    full_finetune_lr: float = 5e-4  # full fine-tuning arms
+    finetune_passkey_fraction: float = 0.5  # rows of fine-tuning batches that start with a passkey document
     finetune_passkey_max_tokens: int = 0  # 0: L (never teach retrieval past L); 4L teaches it directly
     lora_r: int = 16
+    arms: tuple = DEMO_MODELS  # keys of ARMS, in table order
+    curve_steps: tuple = (100, 200, 300)  # fine-tuning steps at which passkey at L, 2L, 4L is probed
     ppl_tokens: int = 16384  # held-out tokens scored at each length
     ppl_stride: int = 64
-    passkey_depths: tuple = (0.0, 0.25, 0.5, 0.75)  # 1.0 (needle next to the question) tests no long context
-    passkey_trials: int = 4
+    passkey_depths: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)  # 0 = needle farthest from the question
+    passkey_trials: int = 10
     passkey_step: int = 64  # passkey lengths L, L + step, ..., factor * L
     seed: int = 0
     threads: int = 2
+    smoke: bool = False  # a smoke run (``--quick``): checks no claim and never touches the user's cache
 
     @property
     def target_length(self) -> int:
@@ -89,10 +107,12 @@ QUICK = dict(
     pretrain_batch=8,
     finetune_steps=8,
     finetune_batch=2,
+    curve_steps=(4,),
     ppl_tokens=2048,
     passkey_depths=(0.0, 1.0),
     passkey_trials=2,
     passkey_step=192,
+    smoke=True,
 )
 
 
@@ -148,8 +168,11 @@ def make_batch(
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
-def train(model, batches, steps: int, lr: float, label: str, log_every: int = 100) -> list[float]:
-    """AdamW with linear warmup and cosine decay; returns the loss of every step."""
+def train(
+    model, batches, steps: int, lr: float, label: str, log_every: int = 100, probe_steps=(), probe=None
+) -> list[float]:
+    """AdamW with linear warmup and cosine decay; returns the loss of every step. ``probe(model, step)`` is called
+    (in eval mode, without gradients) after each step number in ``probe_steps``."""
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -173,6 +196,11 @@ def train(model, batches, steps: int, lr: float, label: str, log_every: int = 10
         if step % log_every == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             tqdm.write(f"{label} step {step}: loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.3f}")
+        if probe is not None and step + 1 in probe_steps:
+            model.eval()
+            with torch.no_grad():
+                probe(model, step + 1)
+            model.train()
     model.eval()
     return losses
 
@@ -192,6 +220,59 @@ def pi_adapter(base, cfg: DemoConfig, scaling_factor: float):
         train_norms=True,
     )
     return get_peft_model(copy.deepcopy(base), config)
+
+
+def arm_model(base, cfg: DemoConfig, name: str):
+    """``name``'s model before fine-tuning (see :data:`ARMS`): the base, the PI / direct adapter, or, for full
+    fine-tuning, the PI adapter merged into a copy of the base (pi_peft keeps the merged adapter's RoPE) with every
+    weight trainable."""
+    if name not in ARMS:
+        raise ValueError(f"`arms` contains {name!r}; choose from {sorted(ARMS)}.")
+    scaled, tuning = ARMS[name]
+    factor = float(cfg.factor) if scaled else 1.0
+    if name == "extrapolation":
+        return base
+    model = pi_adapter(base, cfg, factor)
+    if tuning == "full":
+        model = model.merge_and_unload()
+        model.requires_grad_(True)
+    return model
+
+
+def finetune_arm(cfg: DemoConfig, data: dict, model, name: str) -> tuple[list[float], list[dict]]:
+    """Fine-tune ``model`` at 4L on the demo's fine-tuning batches (the same for every arm: seed ``seed + 1``);
+    returns the losses and the learning curve (passkey accuracy at L, 2L, 4L after each of ``curve_steps``)."""
+    from .evaluation.passkey import evaluate_passkey
+
+    L, T = cfg.context_length, cfg.target_length
+    rng = random.Random(cfg.seed + 1)
+    curve = []
+
+    def probe(model, step):
+        pk = evaluate_passkey(
+            model, data["tokenizer"], [L, 2 * L, T], cfg.passkey_depths, cfg.passkey_trials, cfg.seed + 2
+        )
+        curve.append({"step": step, "accuracy_by_length": {str(k): v for k, v in pk.accuracy_by_length.items()}})
+        print(f"  {name} step {step}: passkey {pk.accuracy_by_length}")
+
+    losses = train(
+        model,
+        lambda: make_batch(
+            data["train"],
+            data["tokenizer"],
+            rng,
+            cfg.finetune_batch,
+            T,
+            cfg.finetune_passkey_fraction,
+            cfg.finetune_passkey_max_tokens or L,
+        ),
+        cfg.finetune_steps,
+        cfg.full_finetune_lr if ARMS[name][1] == "full" else cfg.finetune_lr,
+        f"fine-tune {name} @ {T}",
+        probe_steps=[s for s in cfg.curve_steps if s < cfg.finetune_steps],
+        probe=probe,
+    )
+    return losses, curve
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
@@ -221,19 +302,45 @@ def depth_table(results: dict, cfg: DemoConfig) -> str:
     return "\n".join(lines)
 
 
+def curve_table(curves: dict, cfg: DemoConfig) -> str:
+    """Passkey accuracy at L / 2L / 4L during fine-tuning (the last column is the final model)."""
+    L, T = cfg.context_length, cfg.target_length
+    steps = sorted({c["step"] for curve in curves.values() for c in curve["probes"]})
+    head = ["model"] + [f"step {s}" for s in steps] + [f"step {cfg.finetune_steps}"]
+    lines = [f"Passkey accuracy at {L} / {2 * L} / {T} tokens during fine-tuning:", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, curve in curves.items():
+        cells = [name]
+        for acc in [c["accuracy_by_length"] for c in curve["probes"]] + [curve["final"]]:
+            cells.append(" / ".join(f"{acc[str(n)]:.2f}" if str(n) in acc else "-" for n in (L, 2 * L, T)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def claims(results: dict, cfg: DemoConfig) -> dict[str, bool]:
-    """The paper's claims, checked on the measured numbers."""
+    """The paper's claims, checked on the measured numbers of the arms that ran (none for a smoke run)."""
+    if cfg.smoke:
+        return {}
 
     def ppl(name, n):
         return {p["context_length"]: p["ppl"] for p in results[name]["ppl"]}[n]
 
+    def k_max(name):
+        return results[name]["passkey"]["k_max"]
+
     L, T = cfg.context_length, cfg.target_length
-    return {
-        "extrapolation blows up past L (ppl@4L > 2 x ppl@L)": ppl("extrapolation", T) > 2 * ppl("extrapolation", L),
-        "PI+FT ppl@4L <= ppl@L": ppl("pi-ft", T) <= ppl("pi-ft", L),
-        "PI+FT passkey holds to 4L (k_max = 4L)": results["pi-ft"]["passkey"]["k_max"] == T,
-        "direct FT k_max well below 4L (<= 3L)": results["direct-ft"]["passkey"]["k_max"] <= 3 * L,
-    }
+    checks = {}
+    if "extrapolation" in results:
+        checks["extrapolation blows up past L (ppl@4L > 2 x ppl@L)"] = ppl("extrapolation", T) > 2 * ppl(
+            "extrapolation", L
+        )
+    for name, label in (("pi-full-ft", "PI + full FT (the paper's)"), ("pi-ft", "PI + LoRA FT (pi_peft's)")):
+        if name in results:
+            checks[f"{label} ppl@4L <= ppl@L"] = ppl(name, T) <= ppl(name, L)
+            checks[f"{label} passkey holds to 4L (k_max = 4L)"] = k_max(name) == T
+    if "direct-ft" in results:
+        checks["direct FT k_max well below 4L (<= 3L)"] = k_max("direct-ft") <= 3 * L
+    return checks
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
@@ -287,33 +394,81 @@ def pretrain(cfg: DemoConfig, data: dict, rng: random.Random):
     return base, losses
 
 
-def extend(cfg: DemoConfig, data: dict, base, timings: dict) -> tuple[dict, dict]:
-    """The four ways to 4L: ``{name: model}`` and the fine-tuning losses of ``direct-ft`` and ``pi-ft``."""
-    models = {"extrapolation": base, "pi": pi_adapter(base, cfg, cfg.factor)}
-    losses = {}
-    for name, factor in (("direct-ft", 1.0), ("pi-ft", float(cfg.factor))):
-        torch.manual_seed(cfg.seed + 1)
-        ft_rng = random.Random(cfg.seed + 1)  # the same batches for both
-        model = pi_adapter(base, cfg, factor)
-        t = time.time()
-        losses[name] = train(
-            model,
-            lambda r=ft_rng: make_batch(
-                data["train"],
-                data["tokenizer"],
-                r,
-                cfg.finetune_batch,
-                cfg.target_length,
-                cfg.finetune_passkey_fraction,
-                cfg.finetune_passkey_max_tokens or cfg.context_length,
-            ),
-            cfg.finetune_steps,
-            cfg.finetune_lr,
-            f"fine-tune {name} @ {cfg.target_length}",
-        )
-        timings[f"finetune {name}"] = time.time() - t
-        models[name] = model
-    return models, losses
+PRETRAIN_FIELDS = (
+    "context_length",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "rope_theta",
+    "vocab_size",
+    "corpus_chars",
+    "heldout_every",
+    "pretrain_steps",
+    "pretrain_batch",
+    "pretrain_lr",
+    "passkey_fraction",
+    "seed",
+)
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/pi_peft/demo`` (``~/.cache/pi_peft/demo`` when unset)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "pi_peft", "demo")
+
+
+def base_cache_key(cfg: DemoConfig, tokenizer) -> str:
+    """A hash of everything the pretrained base depends on: the pretraining fields and the tokenizer (trained on
+    this machine's stdlib sources), plus :data:`CACHE_FORMAT`."""
+    settings = {k: getattr(cfg, k) for k in PRETRAIN_FIELDS}
+    payload = json.dumps({"format": CACHE_FORMAT, "settings": settings}, sort_keys=True)
+    payload += tokenizer.backend_tokenizer.to_str()
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def pretrained_base(cfg: DemoConfig, data: dict, rng: random.Random, cache_dir: str | None):
+    """The pretrained base and ``{"final_loss", "pretrain_s", "cached", "path"}``: loaded from
+    ``cache_dir/<base_cache_key>`` when it holds one, else pretrained (and saved there atomically: a complete
+    directory or none). ``cache_dir=None`` neither reads nor writes a cache."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(cache_dir, base_cache_key(cfg, data["tokenizer"])) if cache_dir else None
+    if path and os.path.isfile(os.path.join(path, "pretrain.json")):
+        with open(os.path.join(path, "pretrain.json")) as f:
+            info = json.load(f)
+        base = AutoModelForCausalLM.from_pretrained(path).eval()
+        print(f"Pretrained base loaded from {path} (delete it to pretrain again)")
+        return base, {**info, "cached": True, "path": path}
+    t = time.time()
+    base, losses = pretrain(cfg, data, rng)
+    info = {"final_loss": sum(losses[-20:]) / len(losses[-20:]), "pretrain_s": round(time.time() - t, 1)}
+    if path:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        base.save_pretrained(tmp)  # safetensors
+        with open(os.path.join(tmp, "pretrain.json"), "w") as f:
+            json.dump({**info, "settings": {k: getattr(cfg, k) for k in PRETRAIN_FIELDS}}, f, indent=2)
+        try:
+            os.replace(tmp, path)  # atomic: another run may have finished first, then keep its copy
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"Pretrained base cached in {path}")
+    return base, {**info, "cached": False, "path": path}
+
+
+def extend(cfg: DemoConfig, data: dict, base, timings: dict) -> tuple[dict, dict, dict]:
+    """The ways to 4L in ``cfg.arms``: ``{name: model}``, the fine-tuning losses and learning curves of the
+    fine-tuned arms."""
+    models, losses, curves = {}, {}, {}
+    for name in cfg.arms:
+        torch.manual_seed(cfg.seed + 1)  # the same adapter initialisation for every arm
+        models[name] = arm_model(base, cfg, name)
+        if ARMS[name][1] is not None:
+            t = time.time()
+            losses[name], curves[name] = finetune_arm(cfg, data, models[name], name)
+            timings[f"finetune {name}"] = time.time() - t
+    return models, losses, curves
 
 
 def evaluate_models(cfg: DemoConfig, data: dict, models: dict, timings: dict) -> tuple[dict, dict, dict]:
@@ -337,9 +492,16 @@ def evaluate_models(cfg: DemoConfig, data: dict, models: dict, timings: dict) ->
     return results, ppl_all, pk_all
 
 
-def run_demo(cfg: DemoConfig, output_dir: str) -> dict:
+def run_demo(cfg: DemoConfig, output_dir: str, cache_dir: str | None = "auto") -> dict:
+    """The whole demo; ``cache_dir`` holds pretrained bases (``"auto"``: :func:`default_cache_dir`, or none for a
+    smoke run; ``None``: no cache)."""
     from .evaluation.report import atomic_write_text, write_passkey_report, write_ppl_report
 
+    unknown = [a for a in cfg.arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"`arms` contains {unknown}; choose from {sorted(ARMS)}.")
+    if cache_dir == "auto":
+        cache_dir = None if cfg.smoke else default_cache_dir()
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -348,10 +510,12 @@ def run_demo(cfg: DemoConfig, output_dir: str) -> dict:
     data = prepare_data(cfg, rng)
     timings["data"] = time.time() - t0
     t = time.time()
-    base, pre_losses = pretrain(cfg, data, rng)
-    timings["pretrain"] = time.time() - t
-    models, ft_losses = extend(cfg, data, base, timings)
+    base, pre_info = pretrained_base(cfg, data, rng, cache_dir)
+    timings["pretrain (cached)" if pre_info["cached"] else "pretrain"] = time.time() - t
+    models, ft_losses, curves = extend(cfg, data, base, timings)
     results, ppl_all, pk_all = evaluate_models(cfg, data, models, timings)
+    for name, curve in curves.items():
+        curves[name] = {"probes": curve, "final": results[name]["passkey"]["accuracy_by_length"]}
     checks = claims(results, cfg)
     timings["total"] = time.time() - t0
 
@@ -360,19 +524,36 @@ def run_demo(cfg: DemoConfig, output_dir: str) -> dict:
     summary = {
         "settings": {**asdict(cfg), "passkey_lengths": cfg.passkey_lengths, "target_length": T},
         "model_parameters": n_params,
-        "pretrain_final_loss": sum(pre_losses[-20:]) / len(pre_losses[-20:]),
+        "pretrain_final_loss": pre_info["final_loss"],
+        "pretrain_cached": pre_info["cached"],
+        "pretrain_s_when_trained": pre_info["pretrain_s"],
         "finetune_final_loss": {k: sum(v[-10:]) / len(v[-10:]) for k, v in ft_losses.items()},
         "results": results,
-        "claims": checks,
+        "learning_curves": curves,
+        "smoke_run": cfg.smoke,
+        "claims": None if cfg.smoke else checks,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "torch_threads": torch.get_num_threads(),
     }
-    claim_lines = "\n".join(f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items())
+    tuned = [n for n in cfg.arms if ARMS[n][1] is not None]
+    if cfg.smoke:
+        claim_text = (
+            "Smoke run (`--quick`): too small a model, trained too briefly, to test the paper; no claim is checked.\n"
+        )
+    else:
+        claim_lines = "\n".join(f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items())
+        claim_text = f"Paper's claims on this run:\n\n{claim_lines}\n"
+    pre = (
+        f"base loaded from the cache (pretraining took {pre_info['pretrain_s']:.0f} s when it ran)"
+        if pre_info["cached"]
+        else f"pretraining {timings['pretrain']:.0f} s"
+    )
     markdown = (
-        f"Pretrained at L={L} ({n_params / 1e6:.2f}M parameters), extended to {T} "
-        f"({cfg.finetune_steps} fine-tuning steps each for direct-ft and pi-ft). "
-        f"Wall time {timings['total']:.0f} s on {torch.get_num_threads()} threads.\n\n"
-        f"{demo_table(results, cfg)}\n\n{depth_table(results, cfg)}\n\nPaper's claims on this run:\n\n{claim_lines}\n"
+        f"Pretrained at L={L} (rope_theta {cfg.rope_theta:g}, {n_params / 1e6:.2f}M parameters, {cfg.pretrain_steps} "
+        f"steps), extended to {T} ({cfg.finetune_steps} fine-tuning steps each for {', '.join(tuned)}; passkey "
+        f"documents in fine-tuning up to {cfg.finetune_passkey_max_tokens or L} tokens). "
+        f"Wall time {timings['total']:.0f} s on {torch.get_num_threads()} threads ({pre}).\n\n"
+        f"{demo_table(results, cfg)}\n\n{depth_table(results, cfg)}\n\n{curve_table(curves, cfg)}\n\n{claim_text}"
     )
     os.makedirs(output_dir, exist_ok=True)
     atomic_write_text(os.path.join(output_dir, "demo.json"), json.dumps(summary, indent=2) + "\n")
@@ -384,26 +565,3 @@ def run_demo(cfg: DemoConfig, output_dir: str) -> dict:
     print(markdown)
     print(f"Results written to {output_dir}/")
     return summary
-
-
-def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pi-peft demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny, fast run of the whole pipeline (< 2 minutes)")
-    parser.add_argument("--output-dir", default=None, help="default: outputs/demo (outputs/demo-quick with --quick)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the demo is timed on 2)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a DemoConfig field (experiments)"
-    )
-    args = parser.parse_args(argv)
-    cfg = replace(DemoConfig(**(QUICK if args.quick else {})), seed=args.seed, threads=args.threads)
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in DemoConfig.__dataclass_fields__:
-            raise ValueError(
-                f"`--set {item}`: unknown field {name!r}; fields: {sorted(DemoConfig.__dataclass_fields__)}."
-            )
-        cfg = replace(cfg, **{name: type(getattr(cfg, name))(json.loads(value))})
-    output_dir = args.output_dir or ("outputs/demo-quick" if args.quick else "outputs/demo")
-    run_demo(cfg, output_dir)
-    return 0

@@ -1,9 +1,15 @@
+import contextlib
+import io
 import json
 import math
+import os
+import random
+from dataclasses import replace
 
 import pytest
 import torch
 
+from pi_peft import demo
 from pi_peft.cli.demo import cli_main
 from pi_peft.demo import DEMO_MODELS, QUICK, DemoConfig
 
@@ -11,16 +17,25 @@ from pi_peft.demo import DEMO_MODELS, QUICK, DemoConfig
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-quick")
-    threads = torch.get_num_threads()
+    cache_home = tmp_path_factory.mktemp("xdg-cache")
+    threads, old_cache = torch.get_num_threads(), os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache_home)
+    assert demo.default_cache_dir() == str(cache_home / "pi_peft" / "demo")  # where a full run would cache
+    stdout = io.StringIO()
     try:  # one thread: the quick model is too small to gain from two, and a shared CI core costs 2 threads dearly
-        assert cli_main(["--quick", "--threads", "1", "--output-dir", str(out)]) == 0
+        with contextlib.redirect_stdout(stdout):
+            assert cli_main(["--quick", "--threads", "1", "--output-dir", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
-    return out, json.loads((out / "demo.json").read_text())
+        if old_cache is None:
+            os.environ.pop("XDG_CACHE_HOME")
+        else:
+            os.environ["XDG_CACHE_HOME"] = old_cache
+    return out, json.loads((out / "demo.json").read_text()), stdout.getvalue(), cache_home
 
 
 def test_quick_demo_json_is_complete(quick_run):
-    out, summary = quick_run
+    out, summary, _, _ = quick_run
     cfg = DemoConfig(**QUICK)
     L, T = cfg.context_length, cfg.target_length
     assert set(summary["results"]) == set(DEMO_MODELS)
@@ -34,23 +49,90 @@ def test_quick_demo_json_is_complete(quick_run):
         assert all(len(row) == len(cfg.passkey_depths) for row in pk["accuracy"])
         assert all(0.0 <= a <= 1.0 for row in pk["accuracy"] for a in row)
         assert pk["k_max"] in [0, *cfg.passkey_lengths]
-    assert len(summary["claims"]) == 4 and all(isinstance(v, bool) for v in summary["claims"].values())
     assert summary["timings_s"]["total"] > 0 and summary["model_parameters"] > 0
-    assert set(summary["finetune_final_loss"]) == {"direct-ft", "pi-ft"}
+    tuned = {"direct-ft", "pi-ft", "pi-full-ft"}
+    assert set(summary["finetune_final_loss"]) == tuned == set(summary["learning_curves"])
+    for curve in summary["learning_curves"].values():  # one probe per curve step, at L, 2L and 4L
+        assert [p["step"] for p in curve["probes"]] == list(cfg.curve_steps)
+        assert all(set(p["accuracy_by_length"]) == {str(L), str(2 * L), str(T)} for p in curve["probes"])
     # pretraining learned something: the loss is well below that of a uniform guess over the vocabulary
     assert summary["pretrain_final_loss"] < math.log(cfg.vocab_size) - 0.5
+    assert summary["pretrain_cached"] is False
+
+
+def test_quick_demo_claims_nothing(quick_run):
+    """Regression (issue 13, item 10): a smoke run ticked paper claims on a model that retrieves nothing."""
+    out, summary, stdout, cache_home = quick_run
+    assert summary["smoke_run"] is True and summary["claims"] is None
+    for text in ((out / "demo.md").read_text(), stdout):
+        assert "- [x]" not in text and "- [ ]" not in text
+        assert "no claim is checked" in text
+    assert not (cache_home / "pi_peft").exists(), "a smoke run must not write into the user's cache"
 
 
 def test_quick_demo_writes_tables_and_plots(quick_run):
-    out, _ = quick_run
+    out, _, _, _ = quick_run
     for name in ("demo.md", "ppl.json", "ppl.md", "ppl.png", "passkey.json", "passkey.md", "passkey.png"):
         assert (out / name).stat().st_size > 0, name
     table = (out / "demo.md").read_text()
     assert all(f"| {name} |" in table for name in DEMO_MODELS)
-    assert "k_max" in table
+    assert "k_max" in table and "during fine-tuning" in table
     assert set(json.loads((out / "passkey.json").read_text())["models"]) == set(DEMO_MODELS)
+
+
+def _results(cfg, ppl_by_arm, k_max_by_arm):
+    L, T = cfg.context_length, cfg.target_length
+    return {
+        name: {
+            "ppl": [{"context_length": n, "ppl": v} for n, v in zip((L, 2 * L, T), ppl_by_arm[name])],
+            "passkey": {"k_max": k_max_by_arm[name]},
+        }
+        for name in ppl_by_arm
+    }
+
+
+def test_claims_are_checked_on_full_runs_only():
+    cfg = DemoConfig()
+    L, T = cfg.context_length, cfg.target_length
+    ppl = {"extrapolation": (10, 15, 30), "direct-ft": (10, 10, 10), "pi-ft": (11, 11, 10), "pi-full-ft": (9, 9, 10)}
+    k_max = {"extrapolation": L, "direct-ft": 2 * L, "pi-ft": T, "pi-full-ft": 2 * L}
+    checks = demo.claims(_results(cfg, ppl, k_max), cfg)
+    assert checks == {
+        "extrapolation blows up past L (ppl@4L > 2 x ppl@L)": True,
+        "PI + full FT (the paper's) ppl@4L <= ppl@L": False,
+        "PI + full FT (the paper's) passkey holds to 4L (k_max = 4L)": False,
+        "PI + LoRA FT (pi_peft's) ppl@4L <= ppl@L": True,
+        "PI + LoRA FT (pi_peft's) passkey holds to 4L (k_max = 4L)": True,
+        "direct FT k_max well below 4L (<= 3L)": True,
+    }
+    assert demo.claims(_results(cfg, ppl, k_max), replace(cfg, smoke=True)) == {}
+
+
+def test_pretrained_base_cache_round_trip(tmp_path):
+    """The second call loads the first call's base (atomically written, keyed by settings and tokenizer)."""
+    cfg = replace(DemoConfig(**QUICK), pretrain_steps=3, corpus_chars=100_000, threads=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        data = demo.prepare_data(cfg, random.Random(0))
+        first, info = demo.pretrained_base(cfg, data, random.Random(1), str(tmp_path))
+        second, info2 = demo.pretrained_base(cfg, data, random.Random(1), str(tmp_path))
+        other_key = demo.base_cache_key(replace(cfg, rope_theta=500.0), data["tokenizer"])
+    finally:
+        torch.set_num_threads(threads)
+    assert (info["cached"], info2["cached"]) == (False, True) and info["path"] == info2["path"]
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(info["path"])]  # no temporary left behind
+    assert other_key != os.path.basename(info["path"])
+    assert info2["final_loss"] == pytest.approx(info["final_loss"])
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_demo_rejects_unknown_setting(tmp_path):
     with pytest.raises(ValueError, match="`--set nope=1`"):
         cli_main(["--quick", "--set", "nope=1", "--output-dir", str(tmp_path)])
+
+
+def test_demo_rejects_unknown_arm(tmp_path):
+    with pytest.raises(ValueError, match="`arms` contains \\['nope'\\]"):
+        demo.run_demo(replace(DemoConfig(**QUICK), arms=("pi", "nope")), str(tmp_path))

@@ -4,6 +4,8 @@ The base is pretrained exactly as ``pi-peft demo`` does (same functions, same se
 fine-tuning settings can be compared without pretraining again. Arms: ``direct-ft`` and ``pi-ft`` as in the demo, and
 ``<rope_type>`` / ``<rope_type>-ft`` (e.g. ``llama3``, ``yarn``: the same adapter with another pi_peft ``rope_type``,
 without / with fine-tuning). ``--eval-every N`` prints passkey accuracy at L and 4L every N fine-tuning steps.
+``--set`` applies on top of :data:`ROUND2`, the demo's defaults of rounds 1-2 (rope_theta 500, ...), so that the
+commands of EXPERIMENTS.md still reproduce I1-I6 now that the demo's defaults changed (round 3).
 
     OMP_WAIT_POLICY=PASSIVE python docs/demo/finetune_variants.py --arms pi-ft,direct-ft \\
         --set finetune_steps=240 --set lora_r=64 --set finetune_lr=0.002
@@ -26,6 +28,21 @@ from transformers import AutoModelForCausalLM
 
 from pi_peft import PIConfig, demo
 from pi_peft.evaluation.passkey import evaluate_passkey
+
+# the demo's defaults when I1-I6 ran (before round 3 changed them)
+ROUND2 = dict(
+    rope_theta=500.0,
+    pretrain_steps=1000,
+    pretrain_batch=16,
+    pretrain_lr=2e-3,
+    passkey_fraction=0.5,
+    finetune_steps=120,
+    finetune_batch=4,
+    finetune_lr=1e-3,
+    passkey_depths=(0.0, 0.25, 0.5, 0.75),
+    passkey_trials=4,
+    arms=("extrapolation", "pi", "direct-ft", "pi-ft"),
+)
 
 PRETRAIN_FIELDS = ("context_length", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 PRETRAIN_FIELDS += ("rope_theta", "vocab_size", "corpus_chars", "heldout_every", "pretrain_steps", "pretrain_batch")
@@ -91,7 +108,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", default="outputs/demo-bases")
     args = parser.parse_args()
-    cfg = replace(demo.DemoConfig(), threads=args.threads)
+    cfg = replace(demo.DemoConfig(**ROUND2), threads=args.threads)
     for item in args.set:
         name, _, value = item.partition("=")
         cfg = replace(cfg, **{name: type(getattr(cfg, name))(json.loads(value))})

@@ -97,8 +97,25 @@ def run(args) -> None:
     print(f"theta {args.theta:g}: done in {time.time() - t0:.0f} s")
 
 
-def report(args) -> None:
+def demo_records(path: str) -> list[dict]:
+    """The cells of a ``pi-peft demo`` run (its ``demo.json``), in the grid's record format."""
+    with open(path) as f:
+        summary = json.load(f)
+    cfg, timings = summary["settings"], summary["timings_s"]
+    pk_max = "L" if cfg["finetune_passkey_max_tokens"] in (0, cfg["context_length"]) else "4L"
+    common = {"theta": cfg["rope_theta"], "pretrain_s": summary["pretrain_s_when_trained"], "source": "demo.json"}
     records = []
+    for arm, result in summary["results"].items():
+        record = {**common, "passkey_max": pk_max if arm in summary["learning_curves"] else "-", "arm": arm}
+        record.update(summarize(result), eval_s=timings[f"eval {arm}"])
+        if arm in summary["learning_curves"]:
+            record.update(curve=summary["learning_curves"][arm]["probes"], finetune_s=timings[f"finetune {arm}"])
+        records.append(record)
+    return records
+
+
+def report(args) -> None:
+    records = demo_records(args.demo_json) if args.demo_json else []
     for path in sorted(glob.glob(os.path.join(args.dir, "theta*.jsonl"))):
         with open(path) as f:
             records += [json.loads(line) for line in f]
@@ -110,7 +127,7 @@ def report(args) -> None:
     head += ["FT wall", "eval wall"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in records:
-        cells = [f"{r['theta']:g}", r["passkey_max"], r["arm"]]
+        cells = [f"{r['theta']:g}", r["passkey_max"], r["arm"] + (" (demo run)" if "source" in r else "")]
         cells.append(" / ".join(f"{r['ppl'][str(n)]:.2f}" for n in (L, 2 * L, T)))
         cells += [" / ".join(f"{r['passkey'][n]:.2f}" for n in pk), str(r["k_max"])]
         cells += [f"{r['finetune_s']:.0f} s" if "finetune_s" in r else "-", f"{r['eval_s']:.0f} s"]
@@ -142,6 +159,7 @@ def main() -> None:
     p.add_argument("--cache-dir", default=demo.default_cache_dir())
     p = sub.add_parser("report")
     p.add_argument("dir", nargs="?", default="docs/demo/round3")
+    p.add_argument("--demo-json", default=None, help="also report the cells of a `pi-peft demo` run (its demo.json)")
     args = parser.parse_args()
     run(args) if args.command == "run" else report(args)
 
