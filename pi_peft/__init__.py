@@ -41,7 +41,15 @@ def _install() -> None:
     install_push_to_hub()
 
 
+def _install_trl() -> None:
+    """``SFTTrainer(peft_config=PIConfig(...))`` trains at the PI window (see :mod:`pi_peft.trl_integration`)."""
+    from .trl_integration import install_sft_trainer_guard
+
+    install_sft_trainer_guard()
+
+
 _registration.call_when_imported("peft", _install)
+_registration.call_when_imported("trl.trainer.sft_trainer", _install_trl)
 
 
 def __getattr__(name: str):

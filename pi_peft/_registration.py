@@ -126,19 +126,31 @@ class _CallAfterExec(importlib.abc.Loader):
 
 
 class _WhenImported(importlib.abc.MetaPathFinder):
-    """One-shot meta path finder: when ``name`` is first imported, call ``callback`` right after it is executed."""
+    """Meta path finder: when ``name`` is first imported, call ``callback`` right after it is executed (once).
+
+    Only the spec used for the actual import runs the callback; a mere look-up (``importlib.util.find_spec``, as
+    availability checks do) leaves the finder in place for the real import.
+    """
 
     def __init__(self, name: str, callback: Callable[[], None]):
-        self.name, self.callback = name, callback
+        self.name, self.callback, self._busy = name, callback, False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name:
+        if fullname != self.name or self._busy:
             return None
-        sys.meta_path.remove(self)  # one shot, and lets the real finders answer the lookup below
-        spec = importlib.util.find_spec(fullname)
+        self._busy = True  # let the real finders answer the look-up below
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy = False
         if spec is not None and spec.loader is not None:
-            spec.loader = _CallAfterExec(spec.loader, self.callback)
+            spec.loader = _CallAfterExec(spec.loader, self._fire)
         return spec
+
+    def _fire(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        self.callback()
 
 
 def call_when_imported(name: str, callback: Callable[[], None]) -> None:

@@ -174,7 +174,7 @@ def check_base_compatible(shapes: Mapping[str, tuple], base: nn.Module, adapter_
         )
 
     for key, shape in shapes.items():
-        name = key[len(SAVED_PREFIX) :] if key.startswith(SAVED_PREFIX) else key
+        name = _strip(key)
         for marker, dim, which in ((".lora_A.", 1, 0), (".lora_B.", 0, 1)):
             if marker in name:
                 module_name = name.split(marker)[0]
@@ -196,6 +196,23 @@ def check_base_compatible(shapes: Mapping[str, tuple], base: nn.Module, adapter_
             if tuple(params[name].shape) != tuple(shape):
                 here = tuple(params[name].shape)
                 raise mismatch(f"`{name}` has shape {here} here but {tuple(shape)} in the adapter")
+
+    # the other way round: every base module of a kind the adapter covers (same name up to layer numbers) must have
+    # its weights in the adapter, or peft fails with a raw KeyError (or leaves those layers silently unadapted)
+    covered = {_strip(k).split(".lora_")[0] for k in shapes if ".lora_A." in k} | {_strip(k) for k in shapes}
+    kinds = {_layer_pattern(name) for name in covered}
+    for name in list(modules) + list(params):
+        if name not in covered and _layer_pattern(name) in kinds:
+            raise mismatch(f"this base has `{name}`, which the adapter has no weights for (more layers?)")
+
+
+def _strip(key: str) -> str:
+    return key[len(SAVED_PREFIX) :] if key.startswith(SAVED_PREFIX) else key
+
+
+def _layer_pattern(name: str) -> str:
+    """``model.layers.12.mlp.up_proj`` -> ``model.layers.#.mlp.up_proj``."""
+    return ".".join("#" if part.isdigit() else part for part in name.split("."))
 
 
 def load_adapter(

@@ -18,6 +18,19 @@ from .rope import (
 
 _NORM_CLASS_MARKERS = ("RMSNorm", "LayerNorm")
 
+ORIGINAL_ROPE_ATTR = "_pi_peft_original_rope"
+"""Set on a base model while pi_peft runs it with an extended RoPE: its own ``(rope_parameters, window)``."""
+
+
+def original_rope(model: nn.Module) -> tuple[dict, int]:
+    """The base model's own ``(rope_parameters, max_position_embeddings)``, also while pi_peft has extended it (a
+    failed or repeated ``get_peft_model`` on the same object then starts from the original, never scales twice)."""
+    recorded = model.__dict__.get(ORIGINAL_ROPE_ATTR)
+    if recorded is not None:
+        return copy.deepcopy(recorded)
+    rope_config = model_rope_config(model)
+    return rope_parameters_of(rope_config), rope_config.max_position_embeddings
+
 
 def _params_equal(a: dict, b: dict) -> bool:
     if set(a) != set(b):
@@ -58,8 +71,7 @@ class PIModel(LoraModel):
     def _prepare_model(self, peft_config: PIConfig, model: nn.Module):
         super()._prepare_model(peft_config, model)
         if not hasattr(self, "_pi_original_rope"):
-            rope_config = model_rope_config(model)  # raises for models without RoPE
-            self._pi_original_rope = (rope_parameters_of(rope_config), rope_config.max_position_embeddings)
+            self._pi_original_rope = original_rope(model)  # raises for models without RoPE
             self._pi_enabled = True
         base_params, base_window = self._pi_original_rope
         if peft_config.base_rope_parameters is None:
@@ -73,12 +85,15 @@ class PIModel(LoraModel):
             )
         peft_config.resolve_context(base_window)
         peft_config.modules_to_save = self._pi_modules_to_save(peft_config, model)
-        self._pi_target_rope(peft_config)  # validate now, before any module is replaced
-        self._pi_sync_rope()
+        self._pi_target_rope(peft_config)  # validate now, before any module is replaced; applied after injection
         if not hasattr(self, "_pi_original_attn"):
             self._pi_original_attn = model.config._attn_implementation
         if peft_config.s2_attn and not peft_config.inference_mode:  # an unwrappable attention fails now, not later
             s2_attn.s2_implementation_name(self._pi_original_attn, peft_config.s2_group_size_ratio)
+
+    def _post_injection_hook(self, model: nn.Module, config: PIConfig, adapter_name: str) -> None:
+        super()._post_injection_hook(model, config, adapter_name)
+        self._pi_sync_rope()  # last: a failed injection leaves the base model's RoPE untouched
         self._pi_sync_attention()
 
     def _unload_and_optionally_merge(
@@ -93,9 +108,11 @@ class PIModel(LoraModel):
         else:
             self._pi_apply(*self._pi_original_rope)
         s2_attn.set_s2_attention(self.model, self._pi_original_attn, None)  # S²-Attn never outlives the adapter
-        return super()._unload_and_optionally_merge(
+        model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        model.__dict__.pop(ORIGINAL_ROPE_ATTR, None)  # merged: its extended RoPE is now its own
+        return model
 
     def disable_adapter_layers(self) -> None:
         super().disable_adapter_layers()
@@ -110,6 +127,8 @@ class PIModel(LoraModel):
         self._pi_sync_attention()
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._pi_rope_for(names)  # refuse before any layer switches adapters
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._pi_sync_rope()
         self._pi_sync_attention()
@@ -148,13 +167,11 @@ class PIModel(LoraModel):
             return params, base_window  # e.g. dynamic NTK rescales only past `max_position_embeddings`
         return params, max(base_window, config.context_length)
 
-    def _pi_sync_rope(self, adapter_names: Optional[list[str]] = None) -> None:
-        """Give the model the RoPE of the active PI adapter(s), or the original one when none is in effect."""
-        names = adapter_names if adapter_names is not None else self.active_adapters
+    def _pi_rope_for(self, names) -> tuple[dict, int]:
+        """The RoPE the model needs with adapters ``names`` active; raises if they disagree (changes nothing)."""
         configs = {n: self.peft_config[n] for n in names if isinstance(self.peft_config.get(n), PIConfig)}
         if not configs or not getattr(self, "_pi_enabled", True):
-            self._pi_apply(*self._pi_original_rope)
-            return
+            return self._pi_original_rope
         targets = {n: self._pi_target_rope(c) for n, c in configs.items()}
         first_name, first = next(iter(targets.items()))
         for name, target in targets.items():
@@ -163,7 +180,11 @@ class PIModel(LoraModel):
                     f"Adapters {first_name!r} and {name!r} extend RoPE differently ({first[0]} vs {target[0]}); "
                     "a model has one RoPE at a time, so activate them one at a time."
                 )
-        self._pi_apply(*first)
+        return first
+
+    def _pi_sync_rope(self, adapter_names: Optional[list[str]] = None) -> None:
+        """Give the model the RoPE of the active PI adapter(s), or the original one when none is in effect."""
+        self._pi_apply(*self._pi_rope_for(adapter_names if adapter_names is not None else self.active_adapters))
 
     def _pi_sync_attention(self) -> None:
         """S²-Attn while the model trains with an enabled adapter that has `s2_attn=True`; its own attention else."""
@@ -175,6 +196,11 @@ class PIModel(LoraModel):
 
     def _pi_apply(self, rope_parameters: dict, max_position_embeddings: int) -> None:
         set_rope_parameters(self.model, rope_parameters, max_position_embeddings)
+        original = self._pi_original_rope
+        if _params_equal(rope_parameters, original[0]) and max_position_embeddings == original[1]:
+            self.model.__dict__.pop(ORIGINAL_ROPE_ATTR, None)
+        else:  # remembered on the base model itself, so that a second PIModel on it never scales twice
+            self.model.__dict__[ORIGINAL_ROPE_ATTR] = copy.deepcopy(original)
 
     @staticmethod
     def _pi_modules_to_save(config: PIConfig, model: nn.Module) -> Optional[list[str]]:

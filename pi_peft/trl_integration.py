@@ -1,0 +1,110 @@
+"""trl integration: ``SFTTrainer(peft_config=PIConfig(...))`` trains at the extended window, never past it.
+
+trl's ``SFTConfig.max_length`` defaults to 1024 tokens, whatever the model. With a PI adapter that silently trains
+past a shorter window (positions that were never interpolated) or truncates a longer one to 1024 tokens (so the
+adapter never sees the positions it was made for). :func:`install_sft_trainer_guard` wraps ``SFTTrainer.__init__``
+(installed by ``import pi_peft`` once trl's trainer module is imported, like the ``push_to_hub`` routing) so that, for
+a PI adapter only:
+
+- ``max_length`` left at trl's default (1024) or ``None`` becomes the adapter's ``context_length`` (logged);
+- ``max_length`` longer than ``context_length`` is refused with a ``ValueError`` naming both;
+- a shorter, explicitly chosen ``max_length`` is kept (logged).
+
+Every other trainer is left exactly as trl made it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+import logging
+from typing import Any, Optional
+
+logger = logging.getLogger("pi_peft")
+
+
+def trl_default_max_length() -> Optional[int]:
+    from trl import SFTConfig
+
+    return next(f.default for f in dataclasses.fields(SFTConfig) if f.name == "max_length")
+
+
+def pi_window(model: Any, peft_config: Any) -> Optional[int]:
+    """The window a PI adapter trains at: ``peft_config``'s, resolved against ``model``; else the active PI adapter of
+    a ``PeftModel``; ``None`` when no PI adapter is involved."""
+    from .config import PIConfig
+
+    if isinstance(peft_config, PIConfig):
+        config = copy.deepcopy(peft_config)
+        if config.context_length is not None and config.scaling_factor is None:
+            return config.context_length
+        return config.resolve_context(_base_window(model, config)).context_length
+    configs = getattr(model, "peft_config", None)
+    active = getattr(model, "active_adapter", None)
+    if isinstance(configs, dict) and isinstance(configs.get(active), PIConfig):
+        return configs[active].context_length
+    return None
+
+
+def _base_window(model: Any, config) -> int:
+    if config.original_context_length is not None:
+        return config.original_context_length
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(model)
+        return model_config.get_text_config().max_position_embeddings
+    from .model import original_rope
+
+    return original_rope(model)[1]
+
+
+def align_max_length(args: Any, window: int) -> None:
+    """Make ``args.max_length`` fit a PI window of ``window`` tokens (see the module docstring)."""
+    current = args.max_length
+    if current is None or current == trl_default_max_length():
+        if current != window:
+            logger.warning(
+                "pi_peft: SFTConfig `max_length`=%s (trl's default) -> %d, the PI adapter's `context_length`; set "
+                "`max_length` explicitly to train shorter sequences.",
+                current,
+                window,
+            )
+        args.max_length = window
+    elif current > window:
+        raise ValueError(
+            f"SFTConfig `max_length`={current} is longer than the PI adapter's window `context_length`={window}: "
+            f"positions past it were never interpolated. Set `max_length` <= {window} or raise `context_length`."
+        )
+    elif current < window:
+        logger.warning("pi_peft: `max_length`=%d trains shorter sequences than the %d-token window", current, window)
+
+
+def install_sft_trainer_guard() -> None:
+    """Wrap ``trl.SFTTrainer.__init__`` with :func:`align_max_length` for PI adapters (idempotent)."""
+    from trl import SFTConfig, SFTTrainer
+
+    original = SFTTrainer.__init__
+    if getattr(original, "_pi_peft", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args: Any, **kwargs: Any):
+        bound = signature.bind(self, *args, **kwargs)
+        model, peft_config = bound.arguments.get("model"), bound.arguments.get("peft_config")
+        window = pi_window(model, peft_config)
+        if window is not None:
+            training_args = bound.arguments.get("args")
+            if training_args is None:  # trl's own default, made here so that its max_length can be aligned
+                name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+                training_args = SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
+                bound.arguments["args"] = training_args
+            if hasattr(training_args, "max_length"):
+                align_max_length(training_args, window)
+        return original(*bound.args, **bound.kwargs)
+
+    __init__._pi_peft = True
+    SFTTrainer.__init__ = __init__

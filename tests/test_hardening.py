@@ -1,0 +1,252 @@
+"""Regression tests for the defects found by the adversarial review (issue 13): each failed before the fix."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+
+from pi_peft import PIConfig
+from pi_peft.cli import main as pi_peft_main
+from pi_peft.loading import load_adapter
+from pi_peft.rope import ROPE_TYPES
+from pi_peft.tiny import tiny_model
+
+L = 64
+ORIGINAL = {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def _rope(model):
+    return dict(model.config.rope_parameters), model.config.max_position_embeddings
+
+
+def _inv_freq(model):
+    return next(m.inv_freq.clone() for m in model.modules() if "inv_freq" in getattr(m, "_buffers", {}))
+
+
+# ---- 1, 2: never scale twice -------------------------------------------------------------------------------------
+def test_failed_get_peft_model_leaves_rope_untouched_and_a_retry_scales_once(base):
+    inv_freq = _inv_freq(base)
+    with pytest.raises(ValueError, match="does_not_exist"):
+        get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules=["does_not_exist"]))
+    assert _rope(base) == (ORIGINAL, L)
+    assert torch.equal(_inv_freq(base), inv_freq)
+    model = get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules=["q_proj"]))
+    assert model.config.rope_parameters["factor"] == 4.0
+    assert model.peft_config["default"].base_rope_parameters == ORIGINAL
+    torch.testing.assert_close(_inv_freq(model), inv_freq / 4)
+
+
+def test_get_peft_model_twice_on_one_base_scales_once(base):
+    inv_freq = _inv_freq(base)
+    first = get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning):  # peft's own "modify a model with PEFT for a second time"
+        second = get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules=["q_proj"]))
+    for model in (first, second):
+        assert model.config.rope_parameters["factor"] == 4.0 and model.config.max_position_embeddings == 4 * L
+    assert second.peft_config["default"].base_rope_parameters == ORIGINAL
+    torch.testing.assert_close(_inv_freq(second), inv_freq / 4)
+
+
+def test_failed_from_pretrained_then_retry_scales_once(base, tmp_path):
+    get_peft_model(tiny_model(), PIConfig(scaling_factor=4.0, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "a"
+    )
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "a", broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(Exception, match="(?i)header|deserializ"):  # fails after the adapter was injected
+        PeftModel.from_pretrained(base, str(broken))
+    model = PeftModel.from_pretrained(base, str(tmp_path / "a"))
+    assert model.config.rope_parameters["factor"] == 4.0
+    assert model.peft_config["default"].base_rope_parameters == ORIGINAL
+
+
+def test_unload_and_merge_forget_the_recorded_original(base):
+    model = get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules=["q_proj"]))
+    merged = model.merge_and_unload()
+    assert merged.config.rope_parameters["factor"] == 4.0
+    # a merged (extended) model is a new base: a PI adapter made for the original base is refused on it
+    adapter = PIConfig(scaling_factor=4.0, target_modules=["q_proj"], base_rope_parameters=ORIGINAL)
+    with pytest.raises(ValueError, match="scale RoPE twice or not at all"):
+        get_peft_model(merged, adapter)
+    plain = get_peft_model(tiny_model(), PIConfig(scaling_factor=4.0, target_modules=["q_proj"])).unload()
+    assert _rope(plain) == (ORIGINAL, L) and "_pi_peft_original_rope" not in plain.__dict__
+
+
+# ---- 3: trl's default max_length -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sft_parts():
+    from pi_peft.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["the quick brown fox jumps over the lazy dog " * 40], vocab_size=300)
+    tokenizer.pad_token, tokenizer.eos_token = "<pad>", "</s>"
+    return tokenizer, Dataset.from_dict({"text": ["the quick brown fox jumps " * 120] * 4})
+
+
+@pytest.mark.parametrize(
+    "max_length, expected",
+    [(None, 4 * L), (1024, 4 * L), (100, 100), (4 * L + 1, "longer than the PI adapter's window")],
+)
+def test_sft_trainer_trains_at_the_pi_window(sft_parts, tmp_path, max_length, expected):
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer, data = sft_parts
+    kwargs = {} if max_length is None else {"max_length": max_length}
+    args = SFTConfig(str(tmp_path), report_to="none", use_cpu=True, **kwargs)
+    make = lambda: SFTTrainer(  # noqa: E731
+        model=tiny_model(vocab_size=len(tokenizer)),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=PIConfig(scaling_factor=4.0, target_modules=["q_proj"]),
+    )
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=rf"`max_length`={max_length} is {expected}.*`context_length`={4 * L}"):
+            make()
+        return
+    trainer = make()
+    assert trainer.args.max_length == expected
+    assert max(len(row["input_ids"]) for row in trainer.train_dataset) == expected
+
+
+def test_sft_trainer_without_pi_is_left_alone(sft_parts, tmp_path):
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer, data = sft_parts
+    args = SFTConfig(str(tmp_path), report_to="none", use_cpu=True)
+    trainer = SFTTrainer(
+        model=tiny_model(vocab_size=len(tokenizer)),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(target_modules=["q_proj"]),
+    )
+    assert trainer.args.max_length == 1024
+
+
+# ---- 4: an adapter for fewer layers ------------------------------------------------------------------------------
+def test_adapter_onto_a_deeper_base_is_a_clear_error(tmp_path):
+    config = PIConfig(scaling_factor=4.0, target_modules=["q_proj"], train_norms=True)
+    get_peft_model(tiny_model(), config).save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"this base has `model\.layers\.2\..*no weights for \(more layers\?\)"):
+        load_adapter(tmp_path / "a", tiny_model(num_hidden_layers=3))
+    load_adapter(tmp_path / "a", tiny_model())  # the right base still loads
+
+
+# ---- 5: a refused set_adapter changes nothing --------------------------------------------------------------------
+def test_refused_set_adapter_changes_nothing(base):
+    model = get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules=["q_proj"]))
+    model.add_adapter("two", PIConfig(scaling_factor=2.0, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="extend RoPE differently"):
+        model.base_model.set_adapter(["default", "two"])
+    assert layer.active_adapters == ["default"] and model.base_model.active_adapters == ["default"]
+    assert model.config.rope_parameters["factor"] == 4.0
+
+
+# ---- 6: one error policy for every subcommand --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "passkey", "--model", "./no/such/model", "--lengths", "64", "--output-dir", "x"], "no such folder"),
+        (["export", "lora", "./no/such/adapter", "out"], "no such local folder|not a local folder"),
+        (["push", "./no/such/adapter", "me/x"], "no such local folder|not a local folder"),
+        (["estimate", "./no/such/config.json", "--context-length", "1024"], "config"),
+        (["train", "--context_lenght", "256"], r"unknown option `--context_lenght` \(did you mean `context_length`"),
+        (["demo", "--set", "nope=1"], "unknown field 'nope'"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert pi_peft_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"pi-peft {argv[0]}: error: ")
+    assert "Traceback" not in err
+    import re
+
+    assert re.search(message, err), err
+
+
+def test_yaml_typo_names_the_key_and_the_fix(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: x\ncontext_lenght: 256\n")
+    assert pi_peft_main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "`context_lenght` in" in err and "did you mean `context_length`" in err
+    assert "fail_with_unknown_args" not in err  # trl's advice, which a CLI user cannot follow
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ValueError, match="unknown field"):
+        pi_peft_main(["--debug", "demo", "--set", "nope=1"])
+
+
+def test_help_and_version_import_neither_torch_nor_peft():
+    code = textwrap.dedent(
+        """
+        import contextlib, io, sys
+        from pi_peft.cli import main
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert main(["--help"]) == 0 and main(["--version"]) == 0
+        heavy = sorted(m for m in ("torch", "peft", "transformers", "trl") if m in sys.modules)
+        print(heavy, out.getvalue().count("pi-peft"))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    heavy, mentions = result.stdout.strip().rsplit(" ", 1)
+    assert heavy == "[]" and int(mentions) >= 2
+
+
+def test_import_order_does_not_matter_for_registration():
+    code = textwrap.dedent(
+        """
+        import importlib.util, json, sys
+        import pi_peft
+        assert "peft" not in sys.modules
+        importlib.util.find_spec("peft")  # an availability check must not use up the registration hook
+        from peft import PeftType
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+        print(json.dumps(PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.PI].__name__))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == "PIConfig"
+
+
+# ---- 7, 8: pi-peft train options are PIConfig's -------------------------------------------------------------------
+def test_train_options_are_derived_from_piconfig():
+    from pi_peft.cli.train import parse_train_args
+    from pi_peft.train import PIArguments, make_pi_config, pi_config_fields
+
+    assert {f.name for f in pi_config_fields()} <= set(PIArguments.__dataclass_fields__)
+    argv = ["--model_name_or_path", "x", "--context_length", "256", "--rope_type", "yarn", "--beta_fast", "16"]
+    script, training, model, pi = parse_train_args(argv)
+    assert (pi.rope_type, pi.beta_fast) == ("yarn", 16.0)
+    config = make_pi_config(model, pi, type("C", (), {"max_position_embeddings": L})())
+    assert (config.rope_type, config.beta_fast, config.scaling_factor) == ("yarn", 16.0, 4.0)
+
+
+def test_train_help_puts_pi_options_first_and_hides_what_does_not_apply(capsys):
+    assert pi_peft_main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.index("--config") < text.index("--context_length") < text.index("--learning_rate")
+    assert "--use_peft" not in text and "--load_in_8bit" not in text
+    assert len(text.splitlines()) < 200 and "--help-all" in text
+    assert pi_peft_main(["train", "--help-all"]) == 0
+    everything = capsys.readouterr().out
+    assert "--lr_scheduler_type" in everything and "--use_peft" not in everything
+
+
+# ---- 11: dynamic NTK caveat where it is offered --------------------------------------------------------------------
+def test_dynamic_caveat_is_documented_where_dynamic_is_offered():
+    assert "KV cache" in ROPE_TYPES["dynamic"].note
+    assert "KV cache" in " ".join(PIConfig.__doc__.split())
