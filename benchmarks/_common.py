@@ -54,6 +54,19 @@ BENCH_DIMS: dict[str, Any] = dict(
     max_position_embeddings=512,  # the original window L; every benchmarked context is an extension by PI
     tie_word_embeddings=False,
 )
+# The tiling benchmark's model (`tiled_mlp.py`): a Llama whose MLP dominates the recomputed layer, as Llama's does
+# (intermediate 4x hidden; Llama-3: 3.5x), with grouped KV heads and an 8k vocabulary so that the loss chunk
+# (1024 x 8192 fp32) stays below one layer's activations from 4k tokens on.
+TILED_DIMS: dict[str, Any] = dict(
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=2,
+    num_attention_heads=4,  # head_dim 64
+    num_key_value_heads=1,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 # CI smoke size: every code path, a few seconds.
 SMOKE_DIMS: dict[str, Any] = dict(
     vocab_size=512,
@@ -68,7 +81,7 @@ SMOKE_DIMS: dict[str, Any] = dict(
 LORA_R, LORA_ALPHA = 16, 32  # used where the recipe defaults are not the subject (pi_overhead)
 
 # training-step configurations a worker can run
-CONFIGS = ("plain", "pi_peft", "lora", "pi")
+CONFIGS = ("plain", "pi_peft", "pi_peft_tiled", "trl", "lora", "pi")
 CONFIG_HELP = {
     "plain": "transformers `rope_parameters` + peft `LoraConfig` with the same adapter as (b), defaults for the "
     "rest: attention as transformers picks it, `model(input_ids, labels=...).loss` (full fp32 logits), "
@@ -76,6 +89,11 @@ CONFIG_HELP = {
     "pi_peft": "pi_peft's recipe defaults: `PIConfig` from `pi_peft.train.make_pi_config` with the recipe's "
     "default arguments, `attn_implementation()`, `apply_memory_savers` (non-reentrant gradient checkpointing), "
     "`fused_causal_lm_loss` (no full logits; on CPU its `auto` backend is pi_peft's own chunked loss)",
+    "pi_peft_tiled": "(b) + `apply_memory_savers(model, tiled_mlp=True)`: every MLP over sequence tiles with its "
+    "own recompute (automatic tile unless `tile_tokens` is given)",
+    "trl": "trl's `SFTTrainer` with its own defaults (`SFTConfig()`: activation checkpointing and trl's chunked loss "
+    "on by default) on the same model, adapter (RoPE via transformers' `rope_parameters`, the same `LoraConfig` as "
+    "(a)) and data; only `max_length` is set to T (trl's 1024 would train a different, truncated sequence)",
     "lora": "plain LoRA (`LoraConfig`), original RoPE, default loss",
     "pi": "PI + LoRA (`PIConfig`, same LoRA settings as `lora`), default loss",
 }
@@ -139,7 +157,7 @@ def _norm_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def build(config: str, dims: dict[str, Any], context_length: int, seed: int = 0, loss_kwargs=None):
+def build(config: str, dims: dict[str, Any], context_length: int, seed: int = 0, loss_kwargs=None, tile_tokens=None):
     """The model (with its adapter) and the loss function `loss_fn(model, ids) -> scalar` of a configuration.
 
     Every configuration starts from the same randomly initialised base (same `seed`); `context_length` T sets the PI
@@ -157,7 +175,7 @@ def build(config: str, dims: dict[str, Any], context_length: int, seed: int = 0,
     factor = max(1.0, context_length / L)
     model_config = LlamaConfig(**dims)
     torch.manual_seed(seed)
-    if config == "plain":
+    if config in ("plain", "trl"):
         # the do-it-yourself path: RoPE scaling through transformers' own config field, then a peft LoRA
         model_config.rope_parameters = {"rope_type": "linear", "factor": factor, "rope_theta": 10000.0}
         model_config.max_position_embeddings = max(L, context_length)
@@ -167,9 +185,11 @@ def build(config: str, dims: dict[str, Any], context_length: int, seed: int = 0,
             _norm_module_names(model) if kwargs.pop("train_norms", False) else []
         )
         lora = LoraConfig(task_type="CAUSAL_LM", modules_to_save=modules_to_save or None, **kwargs)
+        if config == "trl":
+            return _trl_trainer(model, lora, dims, context_length)
         model = get_peft_model(model, lora)
         return model.train(), _default_loss
-    if config == "pi_peft":
+    if config in ("pi_peft", "pi_peft_tiled"):
         from pi_peft.losses import fused_causal_lm_loss
         from pi_peft.memory import apply_memory_savers, attn_implementation
 
@@ -178,7 +198,8 @@ def build(config: str, dims: dict[str, Any], context_length: int, seed: int = 0,
 
         pi_config = make_pi_config(PIModelConfig(), PIArguments(scaling_factor=factor), model.config)
         model = get_peft_model(model, pi_config)
-        apply_memory_savers(model)
+        tiling = dict(tiled_mlp=True, tile_tokens=tile_tokens) if config == "pi_peft_tiled" else {}
+        apply_memory_savers(model, **tiling)
         loss_kwargs = dict(loss_kwargs or {})
         return model.train(), lambda m, ids: fused_causal_lm_loss(m, ids, **loss_kwargs)
     # pi_overhead: only the peft config differs
@@ -190,6 +211,22 @@ def build(config: str, dims: dict[str, Any], context_length: int, seed: int = 0,
         else pi_peft.PIConfig(scaling_factor=factor, **lora)
     )
     return get_peft_model(model, peft_config).train(), _default_loss
+
+
+def _trl_trainer(model, lora, dims: dict[str, Any], context_length: int):
+    import tempfile
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    ids = batch(dims, context_length)[0].tolist()
+    data = Dataset.from_dict({"input_ids": [ids] * 64})
+    out = tempfile.mkdtemp(prefix="bench-trl-")
+    args = SFTConfig(output_dir=out, max_length=context_length, max_steps=1, per_device_train_batch_size=1,
+                     report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,
+                     dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, peft_config=lora)
+    return trainer.model, trainer  # the worker runs `trainer.train()` (its own loop, optimizer and loss)
 
 
 def _default_loss(model, ids):
@@ -238,6 +275,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     ids = batch(dims, T, B)
     profile = bool(spec.get("profile", True))
     seed = int(spec.get("seed", 0))
+    if spec["config"] == "trl":
+        return _trl_worker(spec, dims, T, B, steps, profile, seed, idle, threads)
     # first step: model build + one training step, under the memory profiler (torch allocation peak)
     start = time.perf_counter()
     if profile:
@@ -245,7 +284,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         from torch.profiler import profile as profiler
 
         with profiler(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model, loss_fn = build(spec["config"], dims, T, seed, spec.get("loss_kwargs"))
+            model, loss_fn = build(spec["config"], dims, T, seed, spec.get("loss_kwargs"), spec.get("tile_tokens"))
             optimizer = make_optimizer(model)
             step_start, cpu_start = time.perf_counter(), time.process_time()
             losses = [train_step(model, loss_fn, optimizer, ids)]
@@ -253,7 +292,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         alloc_peak, _ = torch_alloc_peak(prof)
         del prof
     else:
-        model, loss_fn = build(spec["config"], dims, T, seed, spec.get("loss_kwargs"))
+        model, loss_fn = build(spec["config"], dims, T, seed, spec.get("loss_kwargs"), spec.get("tile_tokens"))
         optimizer = make_optimizer(model)
         step_start, cpu_start = time.perf_counter(), time.process_time()
         losses = [train_step(model, loss_fn, optimizer, ids)]
@@ -270,10 +309,44 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             losses.append(train_step(model, loss_fn, optimizer, ids))
             times.append(time.perf_counter() - step_start)
             cpu_times.append(time.process_time() - cpu_start)
+    return _result(spec, dims, T, B, steps, idle, reset, alloc_peak, build_time, times, cpu_times, losses, model,
+                   threads)  # fmt: skip
+
+
+def _trl_worker(spec, dims, T, B, steps, profile, seed, idle, threads) -> dict[str, Any]:
+    """(c): `SFTTrainer.train()` for 1 + `steps` steps (its own loop, optimizer, checkpointing and loss); memory over
+    the whole run (model build included, as the first step of the other configurations), time per step over all."""
+    start = time.perf_counter()
+    ctx = None
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        ctx = profiler(activities=[ProfilerActivity.CPU], profile_memory=True)
+        ctx.__enter__()
+    model, trainer = build("trl", dims, T, seed)
+    trainer.args.max_steps = 1 + steps
+    step_start, cpu_start = time.perf_counter(), time.process_time()
+    out = trainer.train()
+    n = 1 + steps
+    times, cpu_times = [(time.perf_counter() - step_start) / n], [(time.process_time() - cpu_start) / n]
+    alloc_peak = None
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
+        alloc_peak, _ = torch_alloc_peak(ctx)
+    result = _result(spec, dims, T, B, steps, idle, False, alloc_peak, step_start - start, times, cpu_times,
+                     [float(out.training_loss)], model, threads)  # fmt: skip
+    result["timed_steps"] = f"mean of {n} (trainer.train(), first included)"
+    result["checkpointing"] = bool(trainer.args.activation_checkpointing)
+    return result
+
+
+def _result(spec, dims, T, B, steps, idle, reset, alloc_peak, build_time, times, cpu_times, losses, model, threads):
     peak = peak_rss()
     step_time = statistics.median(times)
     return dict(
         config=spec["config"],
+        tile_tokens=spec.get("tile_tokens"),
         loss_kwargs=spec.get("loss_kwargs"),
         dims=dims,
         lora=recipe_lora_kwargs(),
@@ -302,8 +375,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_worker(spec: dict[str, Any], timeout: Optional[float] = None) -> dict[str, Any]:
     """Run [`worker`] in a fresh Python process and return its measurements; raises with the worker's stderr if it
-    fails (an out-of-memory kill included)."""
-    return run_json_subprocess([os.path.join(HERE, "_common.py"), json.dumps(spec)], timeout=timeout)
+    fails (an out-of-memory kill included). `spec["mmap_threshold"]` pins glibc's mmap threshold in the worker
+    (`MALLOC_MMAP_THRESHOLD_`), so that its RSS follows the live tensors instead of glibc's retained heap."""
+    env = {"MALLOC_MMAP_THRESHOLD_": str(spec["mmap_threshold"])} if spec.get("mmap_threshold") else None
+    return run_json_subprocess([os.path.join(HERE, "_common.py"), json.dumps(spec)], timeout=timeout, env=env)
 
 
 # ---- analysis ----------------------------------------------------------------------------------------------------

@@ -10,19 +10,28 @@ h, i, kv = hidden, intermediate and key/value width; n = layers; V = vocabulary)
                    P_train = LoRA r*(in+out) per target linear + V*h (train_embeddings) + norms (train_norms);
                    p = 2 for QLoRA (trl casts the trainable parameters of a k-bit model to bf16), else 4 for LoRA
                    (peft keeps adapters in fp32) and `a` for the full embedding/norm copies.
-    activations  = B*T*a * (n*h                    one checkpointed input per decoder layer (2*h with activation
+    checkpoints  = B*T*a * n*h                     one checkpointed input per decoder layer (2*h with activation
                                                    offloading: the others wait in CPU memory)
-                            + 10*h + 4*kv + 4*i    one layer recomputed for its backward (norms, q/k/v, attention
+    layer        = B*T*a * (10*h + 4*kv + 4*i      one layer recomputed for its backward (norms, q/k/v, attention
                                                    output, o_proj, residual, gate/up/act/product, down)
                             + 4*h)                 gradients flowing through that layer
+                   + B*T*(a+1) * (5*h + q + i)     with `lora_dropout` > 0: the dropped copy of every LoRA input
+                                                   (q/k/v/o/gate/up/down) and its 1-byte mask
                    + B*H*T^2*(a+4)  only for `attention="eager"` (scores and fp32 softmax); SDPA/FlashAttention are
                    O(T) in memory.
+                   With `tiled_mlp` (pi_peft.memory.apply_tiled_mlp) the MLP's `4*i` (and its dropout part `2*h + i`)
+                   are alive for one tile of t tokens only: B*t*(a*6*i + (a+1)*(2*h + i)) (the tile's gate/up/act/
+                   product and their gradients), t = `tile_tokens` or the automatic tile (~max(h, 1024) tokens).
     logits/loss  = fused (trl's chunked LM head, used by SFTTrainer): one min(B*T, 4096) x min(V, 32768) tile in `a`
                    bytes + its fp32 gradient tile, + B*T*h*4 for the fp32 hidden-state gradient;
-                   chunked (`loss="chunked"`, pi_peft.memory's own): c x V x (4 + 4 + 4) for one chunk of c rows
+                   chunked (`loss="chunked"`, pi_peft.losses' own): c x V x (4 + 4 + 4) for one chunk of c rows
                    (fp32 logits, log-softmax, gradient) + B*T*h*4;
                    full (`loss="full"`): B*T*V*(a + 4 + 4), the logits, their fp32 copy and its gradient.
     overhead     = 1 GiB on CUDA (context, cuBLAS workspace, allocator fragmentation), 0 on CPU.
+
+    total        = weights + trainable + checkpoints + max(layer, logits/loss) + overhead  with checkpointing: the
+                   loss's backward has finished (its chunk freed) before the first layer is recomputed;
+                 = weights + trainable + n * layer (all layers keep their activations) + logits + overhead without.
 
 `max_context` is the largest multiple of 256 tokens whose total fits the GPU. The formula was checked against peak
 RSS of one CPU training step of tiny configs in a subprocess (`tests/test_estimate.py`, `recipes/README.md`).
@@ -84,23 +93,33 @@ class MemoryEstimate:
 
     weights: int
     trainable: int
-    activations: int
+    checkpoints: int
+    layer: int  # one recomputed layer with checkpointing, every layer without
     logits: int
     overhead: int
     context_length: int
     batch_size: int
     quantization: str
     r: int
+    gradient_checkpointing: bool = True
+    tile_tokens: Optional[int] = None  # MLP tile with `tiled_mlp`, else None
+
+    @property
+    def activations(self) -> int:
+        """Checkpoints + the recomputed layer (with checkpointing) or all layers (without)."""
+        return self.checkpoints + self.layer
 
     @property
     def total(self) -> int:
-        return self.weights + self.trainable + self.activations + self.logits + self.overhead
+        """The peak: with checkpointing the loss chunk and the recomputed layer are never alive together."""
+        peak = max(self.layer, self.logits) if self.gradient_checkpointing else self.layer + self.logits
+        return self.weights + self.trainable + self.checkpoints + peak + self.overhead
 
     def fits(self, gpu_gb: float = 24.0) -> bool:
         return self.total <= gpu_gb * GIB
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "activations": self.activations, "total": self.total}
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
@@ -168,6 +187,9 @@ def estimate_memory(
     loss: str = "fused",
     loss_chunk_tokens: int = 1024,  # = pi_peft.memory.DEFAULT_CHUNK_TOKENS (tested)
     activation_offloading: bool = False,
+    lora_dropout: float = 0.0,
+    tiled_mlp: bool = False,
+    tile_tokens: Optional[int] = None,
     device: str = "cuda",
 ) -> MemoryEstimate:
     """Estimate the peak memory of one (Q)LoRA training step at `context_length` tokens (module docstring formula).
@@ -185,6 +207,10 @@ def estimate_memory(
             with `loss_chunk_tokens` rows per chunk) or `"full"` (materialised logits).
         activation_offloading (`bool`): checkpointed layer inputs wait in CPU memory (trl's `activation_offloading`);
             two layers' worth are counted on the GPU.
+        lora_dropout (`float`): LoRA dropout; above 0 every LoRA layer keeps a dropped copy of its input and a mask.
+        tiled_mlp (`bool`): the MLPs run over sequence tiles (`pi_peft.memory.apply_tiled_mlp`).
+        tile_tokens (`int`, *optional*): the tile with `tiled_mlp`; default the automatic one
+            (`pi_peft.memory.auto_tile_tokens`).
         device (`str`): `"cuda"` adds the CUDA overhead, `"cpu"` does not.
     """
     if isinstance(model_config, str):
@@ -221,13 +247,38 @@ def estimate_memory(
     full_bytes = 2 if quantization == "nf4" else a
     trainable = 4 * (p_lora * lora_bytes + p_full * full_bytes)
 
-    # activations
-    one_layer = 10 * h + 4 * kv + 4 * i + 4 * h
-    checkpoints = min(n, 2) * h if activation_offloading else n * h
-    per_token = (checkpoints + one_layer) if gradient_checkpointing else n * (10 * h + 4 * kv + 4 * i) + 4 * h
-    activations = B * T * a * per_token
+    # activations: checkpoints + one recomputed layer (or every layer without checkpointing)
+    if not 0 <= lora_dropout < 1:
+        raise ValueError(f"`lora_dropout` must be in [0, 1), got {lora_dropout!r}.")
+    if tile_tokens is not None and not tiled_mlp:
+        raise ValueError(f"`tile_tokens`={tile_tokens} has no effect without `tiled_mlp=True`; set both or neither.")
+    if tile_tokens is not None and (
+        isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int) or tile_tokens <= 0
+    ):
+        raise ValueError(f"`tile_tokens` must be a positive int or None (automatic), got {tile_tokens!r}.")
+    q = s["q"]
+    dropped = 5 * h + q + i if lora_dropout > 0 else 0  # elements per token of the LoRA inputs' dropped copies
+    mlp_dropped = 2 * h + i if lora_dropout > 0 else 0
+    mlp_tile = None
+    if tiled_mlp:
+        if tile_tokens is None:
+            from .memory import auto_tile_tokens
+
+            mlp_tile = auto_tile_tokens(T, h)
+        else:
+            mlp_tile = min(tile_tokens, T)
+        # the MLP's intermediates for one tile (values + gradients); the rest of the layer for the whole sequence
+        layer = B * T * (a * (14 * h + 4 * kv) + (a + 1) * (dropped - mlp_dropped))
+        layer += B * mlp_tile * (a * 6 * i + (a + 1) * mlp_dropped)
+    else:
+        layer = B * T * (a * (14 * h + 4 * kv + 4 * i) + (a + 1) * dropped)
     if attention == "eager":
-        activations += B * s["heads"] * T * T * (a + 4) * (1 if gradient_checkpointing else n)
+        layer += B * s["heads"] * T * T * (a + 4)
+    if gradient_checkpointing:
+        checkpoints = B * T * a * (min(n, 2) * h if activation_offloading else n * h)
+    else:
+        checkpoints = 0
+        layer = n * (layer - B * T * a * 4 * h) + B * T * a * 4 * h  # every layer's activations, gradients once
 
     # logits / loss
     N = B * T
@@ -243,13 +294,16 @@ def estimate_memory(
     return MemoryEstimate(
         weights=weights,
         trainable=int(trainable),
-        activations=int(activations),
+        checkpoints=int(checkpoints),
+        layer=int(layer),
         logits=int(logits),
         overhead=overhead,
         context_length=T,
         batch_size=B,
         quantization=quantization,
         r=r,
+        gradient_checkpointing=gradient_checkpointing,
+        tile_tokens=mlp_tile,
     )
 
 
@@ -283,12 +337,15 @@ def format_estimate(est: MemoryEstimate, gpu_gb: float = 24.0, largest: Optional
     rows = [
         ("weights", est.weights),
         (f"LoRA r={est.r} (+ embeddings/norms) params + grads + AdamW", est.trainable),
-        ("activations (gradient checkpointing)", est.activations),
+        ("checkpointed layer inputs", est.checkpoints),
+        ("recomputed layer" + (f" (MLP in tiles of {est.tile_tokens} tokens)" if est.tile_tokens else ""), est.layer),
         ("logits / loss", est.logits),
         ("CUDA context + allocator", est.overhead),
         ("total", est.total),
     ]
     lines = [f"context {est.context_length}, batch {est.batch_size}, quantization {est.quantization}"]
+    if est.gradient_checkpointing:
+        lines.append("  total = weights + LoRA + checkpoints + max(recomputed layer, logits / loss) + CUDA")
     lines += [f"  {name:<58} {_gib(value):>8} GiB" for name, value in rows]
     verdict = "fits" if est.fits(gpu_gb) else "does NOT fit"
     lines.append(f"  -> {verdict} in {gpu_gb:g} GiB")
@@ -310,6 +367,9 @@ def recipe_row(path: str, gpu_gb: float = 24.0) -> dict[str, Any]:
         train_embeddings=bool(recipe.get("train_embeddings", True)),
         train_norms=bool(recipe.get("train_norms", True)),
         activation_offloading=bool(recipe.get("activation_offloading", False)),
+        lora_dropout=float(recipe.get("lora_dropout", 0.05)),  # trl's ModelConfig default
+        tiled_mlp=bool(recipe.get("tiled_mlp", False)),
+        tile_tokens=recipe.get("tile_tokens"),
     )
     config = load_model_config(recipe["model_name_or_path"])
     est = estimate_memory(config, int(recipe["context_length"]), **kwargs)
@@ -319,14 +379,14 @@ def recipe_row(path: str, gpu_gb: float = 24.0) -> dict[str, Any]:
 
 def recipes_table(paths: list[str], gpu_gb: float = 24.0) -> str:
     """A markdown table of the estimates of recipe YAMLs."""
-    head = "| recipe | model | context | weights | LoRA+optim | activations | logits | overhead | total (GiB) "
-    head += "| max context |"
-    lines = [head, "|" + "---|" * 10]
+    head = "| recipe | model | context | weights | LoRA+optim | checkpoints | recomputed layer | logits | overhead "
+    head += "| total (GiB) | max context |"
+    lines = [head, "|" + "---|" * 11]
     for path in paths:
         row = recipe_row(path, gpu_gb)
         e = row["estimate"]
         cells = [row["recipe"], row["model"], str(e.context_length)]
-        cells += [_gib(x) for x in (e.weights, e.trainable, e.activations, e.logits, e.overhead, e.total)]
+        cells += [_gib(x) for x in (e.weights, e.trainable, e.checkpoints, e.layer, e.logits, e.overhead, e.total)]
         cells.append(str(row["max_context"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -97,6 +97,14 @@ class PITrainingConfig(SFTConfig):
     )
     warmup_steps: float = field(default=20, metadata={"help": "Linear warm-up steps (PI paper / LongLoRA: 20)."})
     report_to: Optional[str] = field(default="none", metadata={"help": "Loggers (wandb, tensorboard, none)."})
+    tiled_mlp: bool = field(
+        default=False,
+        metadata={"help": "Run every decoder layer's MLP over sequence tiles with its own recompute (exact; saves "
+                  "the MLP's `tokens x intermediate` activations, see pi_peft.memory.apply_tiled_mlp)."},
+    )  # fmt: skip
+    tile_tokens: Optional[int] = field(
+        default=None, metadata={"help": "Tokens per MLP tile with `tiled_mlp` (default: automatic, ~hidden size)."}
+    )
 
 
 @dataclass
@@ -306,6 +314,12 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
 
     # Model (4-bit NF4 when asked) and trainer; SFTTrainer applies the PIConfig and its fused chunked loss
     model = load_base_model(model_args, training_args)
+    if training_args.tiled_mlp or training_args.tile_tokens is not None:
+        from .memory import apply_memory_savers
+
+        # tiling only: SFTTrainer turns on checkpointing itself
+        tiling = dict(tiled_mlp=training_args.tiled_mlp, tile_tokens=training_args.tile_tokens)
+        apply_memory_savers(model, gradient_checkpointing=False, **tiling)
     progress = PIProgressCallback(
         peft_config.context_length,
         peft_config.scaling_factor,

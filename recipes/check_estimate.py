@@ -1,13 +1,21 @@
 """
-Check `pi-peft estimate` against measured peaks: fp32 LoRA training steps of tiny Llama configs on CPU, peak RSS of a
-fresh subprocess minus its RSS after the imports (`pi_peft.measure.measure_cpu_peak`), at several context lengths.
+Check `pi-peft estimate` against measured peaks, and regenerate the estimate in the recipes' headers.
 
 ```bash
-python recipes/check_estimate.py            # prints a markdown table
+python recipes/check_estimate.py            # measured vs estimated: prints a markdown table
+python recipes/check_estimate.py --headers  # rewrite the "Estimated peak GPU memory" lines of recipes/*.yaml
 ```
+
+The check trains tiny Llama configs on CPU (fp32 LoRA steps, `pi_peft.measure.measure_cpu_peak`): the peak RSS of a
+fresh subprocess minus its RSS after the imports, at several context lengths, untiled and with the sequence-tiled
+MLP (`tiled_mlp=True`) on an MLP-heavy config, and with LoRA dropout.
 """
 
-from pi_peft.estimate import estimate_memory
+import argparse
+import glob
+import os
+
+from pi_peft.estimate import GIB, estimate_memory, recipe_row
 from pi_peft.measure import measure_cpu_peak
 
 CONFIGS = {
@@ -15,24 +23,72 @@ CONFIGS = {
                           num_key_value_heads=2, vocab_size=2048, max_position_embeddings=256),
     "h256-L4-V4096": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                           num_key_value_heads=4, vocab_size=4096, max_position_embeddings=512),
+    "h256-i1024-L2-V8192": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=1, vocab_size=8192, max_position_embeddings=512),
 }  # fmt: skip
-LENGTHS = (1024, 2048, 4096, 8192)
+# (config, settings) rows; every row runs at every length
+ROWS = [
+    ("h128-L2-V2048", {}),
+    ("h256-L4-V4096", {}),
+    ("h256-i1024-L2-V8192", {}),
+    ("h256-i1024-L2-V8192", {"tiled_mlp": True}),
+    ("h256-i1024-L2-V8192", {"lora_dropout": 0.05}),
+]
+LENGTHS = (2048, 4096, 8192)
 CHUNK = 1024
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def main():
-    print("| config | context | measured peak (MiB) | estimate (MiB) | estimate / measured |")
-    print("|---|---|---|---|---|")
-    for name, config in CONFIGS.items():
+def check() -> None:
+    print("| config | settings | context | measured peak (MiB) | estimate (MiB) | estimate / measured |")
+    print("|---|---|---|---|---|---|")
+    for name, settings in ROWS:
+        config = CONFIGS[name]
         for length in LENGTHS:
-            measured = measure_cpu_peak(config, length, r=8, chunk_tokens=CHUNK)
-            estimate = estimate_memory(
-                config, length, quantization="none", r=8, dtype_bytes=4, device="cpu", loss="chunked",
-                loss_chunk_tokens=CHUNK,
-            ).total  # fmt: skip
-            print(
-                f"| {name} | {length} | {measured / 2**20:.1f} | {estimate / 2**20:.1f} | {estimate / measured:.2f} |"
-            )
+            measured = measure_cpu_peak(config, length, r=8, chunk_tokens=CHUNK, **settings)
+            estimate = estimate_memory(config, length, quantization="none", r=8, dtype_bytes=4, device="cpu",
+                                       loss="chunked", loss_chunk_tokens=CHUNK, **settings).total  # fmt: skip
+            label = ", ".join(f"{k}={v}" for k, v in settings.items()) or "-"
+            print(f"| {name} | {label} | {length} | {measured / 2**20:.1f} | {estimate / 2**20:.1f} | "
+                  f"{estimate / measured:.2f} |", flush=True)  # fmt: skip
+
+
+def header_lines(path: str) -> list[str]:
+    """The two estimate lines of a recipe's header, from `pi_peft.estimate.recipe_row`."""
+    row = recipe_row(path)
+    e, name = row["estimate"], os.path.basename(path)
+    gib = lambda x: f"{x / GIB:.1f}"  # noqa: E731
+    layer = "recomputed layer" + (f" (MLP tiles of {e.tile_tokens})" if e.tile_tokens else "")
+    return [
+        f"# Estimated peak GPU memory (pi-peft estimate --recipes recipes/{name}): {gib(e.total)} GiB",
+        f"#   weights {gib(e.weights)} + LoRA/embeddings/norms with grads and AdamW {gib(e.trainable)} + checkpoints "
+        f"{gib(e.checkpoints)} + max({layer} {gib(e.layer)}, logits/loss {gib(e.logits)}) + CUDA {gib(e.overhead)}; "
+        f"largest context that fits 24 GiB: {row['max_context']}",
+    ]
+
+
+def write_headers(paths: list[str]) -> None:
+    """Replace each recipe's "Estimated peak GPU memory" line and the line after it (atomic write)."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        at = next(k for k, line in enumerate(lines) if line.startswith("# Estimated peak GPU memory"))
+        lines[at : at + 2] = header_lines(path)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines))
+        os.replace(tmp, path)
+        print(f"{path}: {lines[at]}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    p.add_argument("--headers", action="store_true", help="rewrite the estimate lines of recipes/*.yaml")
+    args = p.parse_args(argv)
+    if args.headers:
+        write_headers(sorted(glob.glob(os.path.join(HERE, "*.yaml"))))
+    else:
+        check()
 
 
 if __name__ == "__main__":

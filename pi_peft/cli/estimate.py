@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
     p.add_argument("--loss", choices=LOSSES, default="fused")
     p.add_argument("--activation-offloading", action="store_true", help="checkpoints wait in CPU memory")
+    p.add_argument("--tiled-mlp", action="store_true", help="MLPs run over sequence tiles (apply_tiled_mlp)")
+    p.add_argument("--tile-tokens", type=int, default=None, help="tokens per MLP tile (default: automatic)")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="LoRA dropout; > 0 keeps a dropped copy of each LoRA input (train default: 0.05)")  # fmt: skip
     p.add_argument("--recipes", nargs="+", metavar="YAML", help="print a markdown table for these recipe files")
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     return p
@@ -52,6 +56,9 @@ def cli_main(argv: list[str]) -> int:
         attention=args.attention,
         loss=args.loss,
         activation_offloading=args.activation_offloading,
+        tiled_mlp=args.tiled_mlp,
+        tile_tokens=args.tile_tokens,
+        lora_dropout=args.lora_dropout,
     )
     config = load_model_config(args.model)
     est = estimate_memory(config, args.context_length, **kwargs)
