@@ -36,6 +36,13 @@ def _fused_qkv_names(model: nn.Module) -> list[str]:
     ]
 
 
+def _generate_cache_kwarg() -> str:
+    """``cache`` where transformers' `generate` takes it (5.24+), else ``past_key_values``."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
 class MLAModel(PIModel):
     """
     MHA2MLA as a peft method: every attention layer becomes an [`MLAAttention`] (latent KV cache, partial RoPE), the
@@ -96,8 +103,9 @@ class MLAModel(PIModel):
     # ---- generation ------------------------------------------------------------------------------------------------
     def generate(self, *args, **kwargs):
         """`model.generate` with a fresh `MLACache` (latents + kept RoPE keys) unless ``past_key_values`` is given."""
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) and self._mla_active():
-            kwargs["past_key_values"] = MLACache()
+        given = any(kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+        if not given and kwargs.get("use_cache", True) and self._mla_active():
+            kwargs[_generate_cache_kwarg()] = MLACache()
         return self.model.generate(*args, **kwargs)
 
     def _mla_active(self) -> bool:

@@ -1,0 +1,178 @@
+"""MHA2MLA in miniature, on CPU: convert the demo's pretrained Llama to MLA, fine-tune briefly, compare; then with PI.
+
+    python docs/mla/experiment.py --output-dir docs/mla          # the committed table (docs/mla/results.md)
+    python docs/mla/experiment.py --quick --output-dir /tmp/mla  # smoke run, a minute
+
+Steps, all through pi_peft's public path (`get_peft_model(base, MLAConfig(...))`, `initialize_mla_weights`):
+
+1. The demo's data and base (`pi_peft.demo`: Python stdlib sources + passkey documents, a byte-level BPE, a small
+   Llama with multi-head attention pretrained at window L; cached like the demo's base).
+2. Arms (LoRA r=16 on all other linear layers + embeddings + norms in every adapter, as in the demo):
+   - `original`: the base (full K/V cache: 2 x heads x head_dim values per token and layer).
+   - `mla-25%-init`, `mla-12%-init`: the conversion alone (2-norm partial RoPE on calibration batches, joint SVD),
+     no training: what the conversion loses.
+   - `mla-25%-ft`, `mla-12%-ft`: the same fine-tuned at L (MLA matrices + LoRA), `finetune_steps` steps.
+   - `pi-ft`: the demo's PI adapter (s = 4, no MLA) fine-tuned at 4L: long context, full cache (reference).
+   - `mla-25%-pi-ft`: MLA (25% cache) + PI (s = 4) in one adapter, fine-tuned at 4L with the same batches and steps.
+3. Perplexity (held-out files, sliding window) at L, 2L, 4L and passkey accuracy at L, 2L, 4L (greedy generation,
+   so the MLA arms decode with the latent cache). Writes ``results.json`` and ``results.md`` into ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import time
+from dataclasses import asdict, replace
+
+import torch
+
+import pi_peft  # noqa: F401  (registers PI and MLA with peft)
+from pi_peft import demo
+
+# (kv_rank, rope_dims) of the two compression levels for the demo model (4 heads x head_dim 32, hidden 128):
+# original 2 x 4 x 32 = 256 cached values per token and layer
+LEVELS = {"25%": (32, 8), "12%": (16, 4)}  # 32 + 4 x 8 = 64 (25%), 16 + 4 x 4 = 32 (12.5%)
+EXPERIMENT = dict(
+    pretrain_steps=1000,
+    finetune_steps=150,
+    finetune_batch=8,
+    ppl_tokens=8192,
+    passkey_depths=(0.1, 0.5, 0.9),
+    passkey_trials=8,
+    threads=1,
+)
+QUICK = dict(demo.QUICK, finetune_steps=4, threads=1)
+QUICK_LEVELS = {"25%": (8, 4), "12%": (4, 2)}  # quick model: 4 heads x head_dim 16
+
+
+def mla_adapter(base, cfg, data, level, scaling_factor=1.0, calibration_batches=8):
+    from peft import get_peft_model
+
+    from pi_peft.mla import MLAConfig, initialize_mla_weights
+
+    kv_rank, rope_dims = level
+    config = MLAConfig(
+        kv_rank=kv_rank,
+        rope_dims=rope_dims,
+        rope_selection="2-norm",
+        scaling_factor=scaling_factor,
+        r=cfg.lora_r,
+        lora_alpha=2 * cfg.lora_r,
+        train_embeddings=True,
+        train_norms=True,
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    rng = random.Random(cfg.seed + 7)
+    L = cfg.context_length
+    batches = [
+        demo.make_batch(data["train"], data["tokenizer"], rng, 8, L, 0.0, L) for _ in range(calibration_batches)
+    ]
+    initialize_mla_weights(model, batches)
+    return model
+
+
+def finetune(cfg, data, model, length, label):
+    rng = random.Random(cfg.seed + 1)  # the same batches for every arm at the same length
+    passkey_max = cfg.context_length  # passkey documents of at most L tokens: retrieval past L is never taught
+
+    def batches():
+        fraction = cfg.finetune_passkey_fraction
+        return demo.make_batch(
+            data["train"], data["tokenizer"], rng, cfg.finetune_batch, length, fraction, passkey_max
+        )
+
+    losses = demo.train(model, batches, cfg.finetune_steps, cfg.finetune_lr, label, log_every=50)
+    return sum(losses[-20:]) / len(losses[-20:])
+
+
+def cache_values(model_config, level=None) -> int:
+    heads, head_dim = model_config.num_key_value_heads, model_config.hidden_size // model_config.num_attention_heads
+    return 2 * heads * head_dim if level is None else level[0] + heads * level[1]
+
+
+def evaluate(cfg, data, model):
+    from pi_peft.evaluation.passkey import evaluate_passkey
+    from pi_peft.evaluation.perplexity import perplexity_by_length
+
+    L, T = cfg.context_length, cfg.target_length
+    ppl = perplexity_by_length(model, [data["heldout"]], [L, 2 * L, T], stride=cfg.ppl_stride, batch_size=8)
+    pk = evaluate_passkey(model, data["tokenizer"], [L, 2 * L, T], cfg.passkey_depths, cfg.passkey_trials, seed=2)
+    return {"ppl": {p.context_length: p.ppl for p in ppl}, "passkey": dict(pk.accuracy_by_length)}
+
+
+def table(results, cfg) -> str:
+    L, T = cfg.context_length, cfg.target_length
+    lengths = [L, 2 * L, T]
+    head = ["arm", "cached values / token / layer", "vs original", "train loss"]
+    head += [f"ppl @{n}" for n in lengths] + [f"passkey @{n}" for n in lengths]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    original = results["original"]["cache_values"]
+    for name, r in results.items():
+        cells = [name, r["cache_values"], f"{r['cache_values'] / original:.3f}", r.get("train_loss", "")]
+        cells = [str(c) if not isinstance(c, float) else f"{c:.3f}" for c in cells]
+        cells += [f"{r['ppl'][n]:.2f}" for n in lengths] + [f"{r['passkey'][n]:.2f}" for n in lengths]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = replace(demo.DemoConfig(), **(QUICK if args.quick else EXPERIMENT))
+    levels = QUICK_LEVELS if args.quick else LEVELS
+    torch.set_num_threads(cfg.threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    t0 = time.time()
+    rng = random.Random(cfg.seed)
+    data = demo.prepare_data(cfg, rng)
+    base, info = demo.pretrained_base(cfg, data, rng, None if args.quick else demo.default_cache_dir())
+    mc = base.config
+    L, T = cfg.context_length, cfg.target_length
+    results, timings = {}, {"pretrain_or_load": round(time.time() - t0, 1)}
+
+    def run(name, model, level=None, train_length=None):
+        t = time.time()
+        entry = {"cache_values": cache_values(mc, level)}
+        if train_length is not None:
+            entry["train_loss"] = finetune(cfg, data, model, train_length, name)
+        model.eval()
+        entry.update(evaluate(cfg, data, model))
+        results[name] = entry
+        timings[name] = round(time.time() - t, 1)
+        print(name, json.dumps(entry), flush=True)
+
+    run("original", base)
+    for tag, level in levels.items():
+        run(f"mla-{tag}-init", mla_adapter(base, cfg, data, level), level)
+        run(f"mla-{tag}-ft", mla_adapter(base, cfg, data, level), level, train_length=L)
+    run("pi-ft", demo.pi_adapter(base, cfg, float(cfg.factor)), None, train_length=T)
+    tag = next(iter(levels))
+    run(f"mla-{tag}-pi-ft", mla_adapter(base, cfg, data, levels[tag], float(cfg.factor)), levels[tag], T)
+
+    md = table(results, cfg)
+    header = (
+        f"Base: Llama {mc.num_hidden_layers} layers, hidden {mc.hidden_size}, {mc.num_attention_heads} heads "
+        f"(multi-head attention), L = {L}, pretrained {cfg.pretrain_steps} steps; fine-tuning {cfg.finetune_steps} "
+        f"steps x {cfg.finetune_batch} rows at L (MLA arms) or 4L = {T} (PI arms); passkey {len(cfg.passkey_depths)} "
+        f"depths x {cfg.passkey_trials} keys per length; levels (kv_rank, rope_dims) = {levels}, 2-norm selection."
+    )
+    print(header)
+    print(md)
+    payload = {"config": asdict(cfg), "levels": levels, "pretrain": info, "timings": timings, "results": results}
+    payload["results"] = {k: {**v, "ppl": {str(n): p for n, p in v["ppl"].items()}} for k, v in results.items()}
+    with open(os.path.join(args.output_dir, "results.json.tmp"), "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    os.replace(os.path.join(args.output_dir, "results.json.tmp"), os.path.join(args.output_dir, "results.json"))
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(f"{header}\n\n{md}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
