@@ -390,3 +390,50 @@ def recipes_table(paths: list[str], gpu_gb: float = 24.0) -> str:
         cells.append(str(row["max_context"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ---- time: FLOPs of a training step (S²-Attn) -----------------------------------------------------------------------
+def causal_attention_pairs(context_length: int, s2_group_size_ratio: Optional[float] = None) -> int:
+    """Query-key pairs one causal attention head computes over T tokens: T(T+1)/2, or with S²-Attn the sum over its
+    blocks of G = int(ratio * T) tokens, averaged over the unshifted and the shifted half of the heads (~T*G/2)."""
+    T = context_length
+    if s2_group_size_ratio is None:
+        return T * (T + 1) // 2
+    G = int(s2_group_size_ratio * T)
+
+    def blocks(first: int) -> int:
+        sizes = ([first] if first else []) + [G] * ((T - first) // G)
+        sizes.append(T - sum(sizes))
+        return sum(n * (n + 1) // 2 for n in sizes)
+
+    return (blocks(0) + blocks(G - G // 2)) // 2
+
+
+def training_flops(
+    model_config: Any,
+    context_length: int,
+    *,
+    batch_size: int = 1,
+    s2_group_size_ratio: Optional[float] = None,
+    gradient_checkpointing: bool = True,
+) -> dict[str, int]:
+    """FLOPs of one LoRA training step, an estimate of its time (`dense`, `attention`, `lm_head`, `total`).
+
+    Dense layers (frozen, so no weight gradient; LoRA's own matmuls are left out): 2 FLOPs per weight and token
+    forward, 2 for the input gradient, 2 more for the recomputation with gradient checkpointing; the LM head forward
+    and input gradient. Attention: 2 matmuls
+    (QK^T, PV) of 2 FLOPs per query-key pair and query channel forward, 5 in FlashAttention's backward (QK^T again, dV,
+    dP, dQ, dK), 2 more recomputed; the pairs of [`causal_attention_pairs`], so S²-Attn (`s2_group_size_ratio`)
+    divides the attention term by about T / G. Memory does not change with S²: SDPA and FlashAttention are O(T)
+    either way (`estimate_memory`)."""
+    if isinstance(model_config, str):
+        model_config = load_model_config(model_config)
+    s = _shapes(model_config)
+    passes = 3 if gradient_checkpointing else 2
+    tokens = batch_size * context_length
+    dense = passes * 2 * tokens * s["n"] * sum(a * b for a, b in _linear_shapes(s).values())
+    matmuls = 9 if gradient_checkpointing else 7
+    pairs = causal_attention_pairs(context_length, s2_group_size_ratio)
+    attention = matmuls * 2 * s["q"] * s["n"] * batch_size * pairs
+    lm_head = 2 * 2 * tokens * s["h"] * s["V"]
+    return dict(dense=dense, attention=attention, lm_head=lm_head, total=dense + attention + lm_head)

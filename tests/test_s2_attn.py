@@ -3,6 +3,7 @@ training-only switch in PIModel, save/load, errors, and that it never runs atten
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -397,3 +398,45 @@ def test_flash_attention_path_equals_reference():
         )
         kept = valid if valid is not None else torch.ones(2, 37, dtype=torch.bool)
         torch.testing.assert_close(out.cpu().double()[kept], expected[kept], atol=2e-3, rtol=0)
+
+
+# ---- estimate and benchmark ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seq_len,ratio", [(64, 0.25), (37, 0.25), (100, 0.3), (16, 1.0)])
+def test_pair_count_matches_the_rule(seq_len, ratio):
+    from pi_peft.estimate import causal_attention_pairs
+
+    mask = reference_mask(2, seq_len, ratio)[0]  # head 0 unshifted, head 1 shifted
+    assert causal_attention_pairs(seq_len, ratio) == int(mask.sum()) // 2
+    assert causal_attention_pairs(seq_len) == seq_len * (seq_len + 1) // 2
+
+
+def test_training_flops_s2_term():
+    from pi_peft.estimate import KNOWN_CONFIGS, training_flops
+
+    config = KNOWN_CONFIGS["meta-llama/Llama-2-7b-hf"]
+    full, s2 = training_flops(config, 32768), training_flops(config, 32768, s2_group_size_ratio=0.25)
+    assert full["dense"] == s2["dense"] and full["lm_head"] == s2["lm_head"]
+    assert 3.9 < full["attention"] / s2["attention"] < 4.3  # ~T/G
+    assert 0.3 < full["attention"] / full["total"] < 0.7  # attention is a large share at 32k
+    short = training_flops(config, 4096)
+    assert short["attention"] / short["total"] < full["attention"] / full["total"]
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "s2_attention.py")
+    out = tmp_path / "s2.json"
+    cmd = [sys.executable, script, "--smoke", "--threads", "1", "--attn-reps", "1", "--steps", "1", "--json-out", out]
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    runs = payload["runs"]
+    assert {(r["part"], r["mode"]) for r in runs} == {(p, m) for p in ("attention", "step") for m in ("full", "s2")}
+    for r in runs:
+        assert r["time"] > 0 and r["alloc_peak"] > 0
+        assert s2_attn.is_s2_implementation(r["implementation"]) == (r["mode"] == "s2")
+    assert all(math.isfinite(loss) for r in runs if r["part"] == "step" for loss in r["losses"])
+    assert "Llama-2-7B at 32k tokens" in proc.stdout
