@@ -42,10 +42,10 @@ TOKENIZER_FILES = (
 
 
 def _offline() -> bool:
-    from huggingface_hub import constants
+    """huggingface_hub's `is_offline_mode()`, which reads HF_HUB_OFFLINE once at import, or the variable set since."""
+    from huggingface_hub import is_offline_mode
 
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return bool(constants.HF_HUB_OFFLINE) or env in ("1", "ON", "YES", "TRUE")
+    return is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _require_online(repo_id: str) -> None:

@@ -175,24 +175,20 @@ def make_pi_config(model_args: ModelConfig, pi_args: PIArguments, base_config):
 
 
 def quantization_config(model_args: ModelConfig):
-    """NF4 4-bit (double quantisation, compute in `model_args.dtype`) when `load_in_4bit`, else `None`."""
+    """trl's `get_quantization_config` (NF4 4-bit, double quantisation, compute in `model_args.dtype`) when
+    `load_in_4bit`, else `None`; with pi_peft's two guards: no 8-bit, and 4-bit computes in bfloat16."""
+    from trl import get_quantization_config
+
     if model_args.load_in_8bit:
         raise ValueError("`load_in_8bit` is not supported; use `load_in_4bit` (QLoRA NF4) or neither.")
-    if not model_args.load_in_4bit:
-        return None
-    if model_args.dtype not in (None, "bfloat16"):
+    if model_args.load_in_4bit and model_args.dtype not in (None, "bfloat16"):
         raise ValueError(
             f"`dtype`={model_args.dtype!r} with `load_in_4bit`: QLoRA computes in bfloat16 (trl casts the trainable "
             "weights of a 4-bit model to bfloat16), so set `dtype` to 'bfloat16' or drop `load_in_4bit`."
         )
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
-        bnb_4bit_compute_dtype=getattr(torch, model_args.dtype or "bfloat16"),
-    )
+    if model_args.load_in_4bit and model_args.dtype is None:
+        model_args.dtype = "bfloat16"
+    return get_quantization_config(model_args)
 
 
 def load_base_model(model_args: ModelConfig, training_args: SFTConfig):
@@ -345,4 +341,5 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
     trainer.accelerator.print(f"Adapter saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.end()  # as trl's sft.py: finish the trackers and the process group
     return trainer

@@ -85,12 +85,10 @@ def test_recipe_script_qlora_end_to_end(assets, tmp_path, monkeypatch):
 
     from transformers import AutoModelForCausalLM
 
-    from pi_peft.train import quantization_config
+    from pi_peft.train import PIModelConfig, quantization_config
 
     base = AutoModelForCausalLM.from_pretrained(
-        assets.model, quantization_config=quantization_config(SimpleNamespace(
-            load_in_4bit=True, load_in_8bit=False, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
-            dtype="bfloat16")),
+        assets.model, quantization_config=quantization_config(PIModelConfig(load_in_4bit=True)),
         device_map="cpu", dtype=torch.bfloat16,
     )  # fmt: skip
     fix_bnb_cpu_repack(base)  # same 4-bit kernel as in training (the CPU inference repack rounds differently)

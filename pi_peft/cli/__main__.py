@@ -1,0 +1,7 @@
+"""`python -m pi_peft.cli ...` == `pi-peft ...`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
