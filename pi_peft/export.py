@@ -43,7 +43,7 @@ from .loading import (
     resolve_dtype,
 )
 from .serving import extension_of, fmt_factor, llama_cpp_rope_flags, llama_cpp_unsupported_note, vllm_lora_command
-from .utils import atomic_output_dir
+from .utils import atomic_output_dir, refuse_to_overwrite_inputs
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
@@ -116,6 +116,7 @@ def export_merged(
     config = check_adapter_dir(adapter_dir, allow_pickle=allow_pickle)
     ext = extension_of(config)
     base = base or config.get("base_model_name_or_path")
+    refuse_to_overwrite_inputs(output, {"adapter": adapter_dir, "base model": base})
     if not base:
         raise ValueError("The adapter does not record its base model; pass `base=` (CLI: `--base`).")
     output = Path(output)
@@ -196,6 +197,7 @@ def export_lora(
 ) -> Path:
     """Write a PI adapter as a plain LoRA adapter plus a README with the RoPE flags vLLM/llama.cpp need."""
     adapter_dir = resolve_adapter_dir(adapter, revision=revision)
+    refuse_to_overwrite_inputs(output, {"adapter": adapter_dir})
     config = check_adapter_dir(adapter_dir, allow_pickle=allow_pickle)
     ext = extension_of(config)
     full = [k for k in ("train_embeddings", "train_norms") if config.get(k)]

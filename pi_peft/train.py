@@ -34,6 +34,8 @@ import torch
 from transformers import TrainerCallback
 from trl import ModelConfig, ScriptArguments, SFTConfig
 
+from .utils import refuse_to_overwrite_inputs
+
 logger = logging.getLogger("pi_peft.train")
 
 
@@ -283,6 +285,13 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
     from trl import SFTTrainer
 
     from .data import load_raw_dataset, prepare_train_dataset
+
+    refuse_to_overwrite_inputs(
+        training_args.output_dir,
+        {"model": model_args.model_name_or_path, **{f"data file {f}": f for f in pi_args.data_files or []}},
+        field="output_dir",
+        replaces_folder=False,
+    )
 
     # PI settings, resolved against the base model's window
     base_config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)

@@ -34,6 +34,23 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         f.write(text)
 
 
+def refuse_to_overwrite_inputs(
+    output: PathLike, inputs: dict[str, Any], *, field: str = "output", replaces_folder: bool = True
+) -> None:
+    """Raise if writing ``output`` would overwrite or delete one of ``inputs`` (``{name: path}``; Hub ids and ``None``
+    skipped): ``output`` may not be an input, nor (when the whole folder is replaced) a folder holding one."""
+    out = Path(output).expanduser().resolve()
+    for name, value in inputs.items():
+        if value is None or not Path(str(value)).expanduser().exists():
+            continue  # a Hub id or nothing: no local file to destroy
+        source = Path(str(value)).expanduser().resolve()
+        if source == out or (replaces_folder and out in source.parents):
+            raise ValueError(
+                f"`{field}`={str(output)!r} would overwrite the {name} {str(value)!r} it is made from; choose a "
+                "new folder."
+            )
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``output`` only if the block succeeds (complete or absent).

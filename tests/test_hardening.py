@@ -251,3 +251,24 @@ def test_train_help_puts_pi_options_first_and_hides_what_does_not_apply(capsys):
 def test_dynamic_caveat_is_documented_where_dynamic_is_offered():
     assert "KV cache" in ROPE_TYPES["dynamic"].note
     assert "KV cache" in " ".join(PIConfig.__doc__.split())
+
+
+# ---- no command destroys its own input ----------------------------------------------------------------------------
+def test_export_never_overwrites_its_own_adapter(tmp_path):
+    from pi_peft.export import export_lora
+
+    adapter = tmp_path / "a"
+    get_peft_model(tiny_model(), PIConfig(scaling_factor=4.0, target_modules=["q_proj"])).save_pretrained(adapter)
+    before = sorted(p.name for p in adapter.iterdir())
+    for output in (adapter, tmp_path):
+        with pytest.raises(ValueError, match=r"`output`=.* would overwrite the adapter"):
+            export_lora(adapter, output, overwrite=True)
+    assert sorted(p.name for p in adapter.iterdir()) == before
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "PI"
+
+
+def test_train_refuses_to_write_into_its_base_model(tmp_path, tiny_checkpoint, capsys):
+    argv = ["train", "--model_name_or_path", tiny_checkpoint, "--output_dir", tiny_checkpoint]
+    argv += ["--scaling_factor", "2", "--use_cpu", "--bf16", "false", "--dtype", "float32", "--data_files", "x.txt"]
+    assert pi_peft_main(argv) == 2
+    assert "`output_dir`=" in capsys.readouterr().err
