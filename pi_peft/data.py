@@ -7,6 +7,7 @@ dataset that cannot fill one window raises instead of training on nothing.
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterable
 from typing import Any, Optional, Union
@@ -56,6 +57,9 @@ def load_raw_dataset(
                 f"{sorted(_BUILDERS)} or pass `dataset_name` ('text', 'json', 'parquet', 'csv')."
             )
         name = builders.pop()
+        missing = [f for f in files if not glob.glob(os.path.expanduser(f))]
+        if missing:
+            raise ValueError(f"`data_files`: no such file(s) {missing}; pass existing local files or glob patterns.")
     loaded = load_dataset(name, config, data_files=data_files, split=split, streaming=streaming)
     if isinstance(loaded, (DatasetDict, IterableDatasetDict)):  # pragma: no cover - split= returns one split
         loaded = loaded[split]

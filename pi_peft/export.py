@@ -37,6 +37,7 @@ from .loading import (
     PICKLE_NAME,
     SAFETENSORS_NAME,
     check_adapter_dir,
+    check_model_path,
     load_adapter,
     load_tokenizer,
     resolve_adapter_dir,
@@ -122,6 +123,7 @@ def export_merged(
     output = Path(output)
     if output.exists() and not overwrite:
         raise ValueError(f"`output`={str(output)!r} already exists; choose a new folder or pass `--overwrite`.")
+    check_model_path(str(base), "base")
     base_config = AutoConfig.from_pretrained(base)
     _check_unquantized_base(base, base_config)
     torch_dtype = _merge_dtype(dtype, base_config)

@@ -262,7 +262,7 @@ def is_adapter_dir(path: Union[str, os.PathLike]) -> bool:
     return Path(path, ADAPTER_CONFIG_NAME).is_file()
 
 
-def _check_model_path(path: str, what: str) -> None:
+def check_model_path(path: str, what: str) -> None:
     """A path that looks local must exist; a Hub id must be reachable (clear errors instead of hub tracebacks)."""
     if Path(path).expanduser().exists():
         return
@@ -286,7 +286,7 @@ def load_base_model(base: Union[str, os.PathLike, None], *, dtype=None, **kwargs
             "The adapter does not record its base model (`base_model_name_or_path` is empty in adapter_config.json); "
             "pass it explicitly with `base=` (CLI: `--base`)."
         )
-    _check_model_path(str(base), "base")
+    check_model_path(str(base), "base")
     if dtype is not None:
         kwargs["dtype"] = resolve_dtype(dtype)
     return AutoModelForCausalLM.from_pretrained(str(base), **kwargs).eval()
@@ -296,7 +296,7 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Union[str, torch.dtype, 
     """A base, merged or PI-adapter model (adapters through :func:`load_adapter`, with its checks), in eval mode on
     ``device`` (``"auto"``: CUDA when available)."""
     path = str(path)
-    _check_model_path(path, "model")
+    check_model_path(path, "model")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if is_adapter_dir(path):
         import pi_peft  # noqa: F401  (registers PI with peft)

@@ -34,6 +34,7 @@ import torch
 from transformers import TrainerCallback
 from trl import ModelConfig, ScriptArguments, SFTConfig
 
+from .loading import check_model_path
 from .utils import refuse_to_overwrite_inputs
 
 logger = logging.getLogger("pi_peft.train")
@@ -294,6 +295,7 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
     )
 
     # PI settings, resolved against the base model's window
+    check_model_path(model_args.model_name_or_path, "model_name_or_path")
     base_config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     peft_config = make_pi_config(model_args, pi_args, base_config)
     training_args.max_length = training_window(training_args.max_length, peft_config.context_length)

@@ -272,3 +272,33 @@ def test_train_refuses_to_write_into_its_base_model(tmp_path, tiny_checkpoint, c
     argv += ["--scaling_factor", "2", "--use_cpu", "--bf16", "false", "--dtype", "float32", "--data_files", "x.txt"]
     assert pi_peft_main(argv) == 2
     assert "`output_dir`=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "passkey", "--model", "m", "--lengths", "0", "--output-dir", "o"], "--lengths: must be a positive"),
+        (["eval", "passkey", "--model", "m", "--lengths", "8", "--depths", "1.5", "--output-dir", "o"], r"\[0, 1\]"),
+        (["eval", "ppl", "--model", "m", "--lengths", "8", "--stride", "0", "--output-dir", "o"], "--stride: must be"),
+        (["demo", "--threads", "0"], "--threads: must be a positive integer"),
+    ],
+)
+def test_bad_numbers_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pi_peft_main(argv)
+    assert exit_info.value.code == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_bad_demo_setting_names_the_field_and_an_example(capsys):
+    assert pi_peft_main(["demo", "--set", "pretrain_steps=abc"]) == 2
+    assert "`--set pretrain_steps=abc`: the value must be JSON" in capsys.readouterr().err
+
+
+def test_missing_data_file_is_named(tmp_path):
+    from pi_peft.data import load_raw_dataset
+
+    with pytest.raises(ValueError, match=r"`data_files`: no such file\(s\) \['.*missing.jsonl'\]"):
+        load_raw_dataset(data_files=[str(tmp_path / "missing.jsonl")])

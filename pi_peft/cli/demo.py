@@ -6,6 +6,8 @@ import argparse
 import json
 from dataclasses import replace
 
+from . import positive_int
+
 
 def cli_main(argv: list[str]) -> int:
     from ..demo import QUICK, DemoConfig, run_demo
@@ -16,7 +18,7 @@ def cli_main(argv: list[str]) -> int:
     )
     parser.add_argument("--output-dir", default=None, help="default: outputs/demo (outputs/demo-quick with --quick)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the demo is timed on 2)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (the demo is timed on 2)")
     parser.add_argument(
         "--cache-dir",
         default=None,
@@ -35,7 +37,13 @@ def cli_main(argv: list[str]) -> int:
             raise ValueError(
                 f"`--set {item}`: unknown field {name!r}; fields: {sorted(DemoConfig.__dataclass_fields__)}."
             )
-        cfg = replace(cfg, **{name: type(getattr(cfg, name))(json.loads(value))})
+        try:
+            cfg = replace(cfg, **{name: type(getattr(cfg, name))(json.loads(value))})
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"`--set {item}`: the value must be JSON of the field's type, like its current value "
+                f"`--set {name}={json.dumps(getattr(cfg, name))}` ({exc})"
+            ) from None
     output_dir = args.output_dir or ("outputs/demo-quick" if args.quick else "outputs/demo")
     cache_dir = None if args.no_cache or args.quick else (args.cache_dir or "auto")
     run_demo(cfg, output_dir, cache_dir=cache_dir)

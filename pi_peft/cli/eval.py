@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import fraction, positive_int
+
 DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # pi_peft.loading.DTYPES, named without importing torch
 
@@ -42,9 +44,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # pi_peft.loading.DTYPES, n
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", required=True, help="PATH or LABEL=PATH (repeatable)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
-    parser.add_argument("--lengths", type=int, nargs="+", required=True, help="context lengths in tokens")
+    parser.add_argument("--lengths", type=positive_int, nargs="+", required=True, help="context lengths in tokens")
     parser.add_argument("--output-dir", required=True, help="folder for the JSON, Markdown and PNG files")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
 
@@ -54,20 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="task", required=True)
     pk = sub.add_parser("passkey", help="passkey retrieval accuracy on a length x depth grid, and k_max")
     _common(pk)
-    pk.add_argument("--depths", type=float, nargs="+", default=DEFAULT_DEPTHS, help="needle depths in [0, 1]")
-    pk.add_argument("--trials", type=int, default=5, help="random keys per (length, depth) cell")
+    pk.add_argument("--depths", type=fraction, nargs="+", default=DEFAULT_DEPTHS, help="needle depths in [0, 1]")
+    pk.add_argument("--trials", type=positive_int, default=5, help="random keys per (length, depth) cell")
     pk.add_argument("--seed", type=int, default=0)
     ppl = sub.add_parser("ppl", help="perplexity by context length (sliding window)")
     _common(ppl)
-    ppl.add_argument("--stride", type=int, default=None, help="sliding-window stride (paper: 256); default: none")
+    ppl.add_argument("--stride", type=positive_int, default=None, help="sliding-window stride (paper: 256)")
     ppl.add_argument("--files", nargs="*", default=[], help="local text files or globs")
     ppl.add_argument("--dataset", default=None, help="a datasets name or local path")
     ppl.add_argument("--dataset-config", default=None)
     ppl.add_argument("--split", default="test")
     ppl.add_argument("--text-field", default="text")
-    ppl.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens in total")
+    ppl.add_argument("--max-tokens", type=positive_int, default=None, help="score at most this many tokens")
     ppl.add_argument("--no-concatenate", action="store_true", help="score documents separately, not EOS-joined")
-    ppl.add_argument("--loss-chunk-size", type=int, default=1024, help="positions per fp32 logits chunk")
+    ppl.add_argument("--loss-chunk-size", type=positive_int, default=1024, help="positions per fp32 logits chunk")
     return parser
 
 
