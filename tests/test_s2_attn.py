@@ -440,3 +440,57 @@ def test_benchmark_smoke(tmp_path):
         assert s2_attn.is_s2_implementation(r["implementation"]) == (r["mode"] == "s2")
     assert all(math.isfinite(loss) for r in runs if r["part"] == "step" for loss in r["losses"])
     assert "Llama-2-7B at 32k tokens" in proc.stdout
+
+
+@pytest.mark.slow
+def test_sft_trainer_trains_with_s2_and_evaluates_with_full_attention(tmp_path, tiny_tokenizer):
+    """trl's SFTTrainer with packed rows (position_ids restarting): S² in the training steps, full attention in the
+    evaluation steps in between, the setting saved with the adapter."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    vocab = len(tiny_tokenizer)
+    g = torch.Generator().manual_seed(0)
+    docs = [
+        torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(20, 120, (24,), generator=g)
+    ]
+    seen = {True: set(), False: set()}  # training mode of the attention module -> implementations it ran with
+
+    packed = []
+
+    def spy(module, args, kwargs):
+        seen[module.training].add(module.config._attn_implementation)
+        positions = kwargs.get("position_ids")
+        packed.append(positions is not None and bool((positions[:, 1:] == 0).any()))
+
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        use_cpu=True,
+        bf16=False,
+        max_length=192,
+        packing=True,
+        report_to="none",
+        save_strategy="no",
+    )
+    trainer = SFTTrainer(
+        model=tiny_model("llama", vocab_size=vocab),
+        args=args,
+        processing_class=tiny_tokenizer,
+        train_dataset=Dataset.from_dict({"input_ids": docs[:20]}),
+        eval_dataset=Dataset.from_dict({"input_ids": docs[20:]}),
+        peft_config=pi_peft.PIConfig(context_length=192, target_modules="all-linear", s2_attn=True),
+    )
+    attention = next(m for n, m in trainer.model.named_modules() if n.endswith("layers.0.self_attn"))
+    attention.register_forward_pre_hook(spy, with_kwargs=True)
+    trainer.train()
+    assert seen[True] == {s2_attn.s2_implementation_name("sdpa", 0.25)}
+    assert seen[False] == {"sdpa"}
+    assert any(packed)  # rows held several documents
+    trainer.save_model(str(tmp_path / "final"))
+    saved = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert saved["s2_attn"] is True and saved["s2_group_size_ratio"] == 0.25
