@@ -13,9 +13,11 @@ prefill, then 32 new tokens one at a time with the model's cache, in three confi
   head_dim/32; 92.2% smaller cache there), `MLACache`.
 
 Each (configuration, T) runs in a fresh subprocess on one thread. Reported: cache bytes per token and layer (counted
-from the cache's tensors after generation), the cache in MiB, the process's peak RSS (`VmHWM`) during prefill +
-decoding and its increase over the loaded model, prefill time and decode speed (wall and CPU ms per new token; CPU
-time is the steadier number on a shared machine). Ratios are MLA / original from the same run.
+from the cache's tensors after generation), the cache in MiB, the process's peak RSS (`VmHWM`) above the loaded
+model during the prefill and, separately (the mark is reset after the prefill), during decoding, where the cache is
+what grows; prefill time and decode speed (wall and CPU ms per new token; CPU time is the steadier number on a
+shared machine). Workers run with `MALLOC_MMAP_THRESHOLD_` pinned (`pi_peft.measure.MMAP_THRESHOLD`) so that RSS
+follows the live tensors, not glibc's retained heap. Ratios are MLA / original from the same run.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
         prefill_s, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
         token = out.logits[:, -1:].argmax(-1)
+        del out
+        prefill_peak = peak_rss()
+        decode_reset = reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(NEW_TOKENS):
             out = model(token, past_key_values=cache, use_cache=True)
@@ -101,8 +106,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         cache_bytes_per_token_layer=cache_bytes / (tokens * len(layers)),
         cache_bytes=cache_bytes,
         model_rss=model_rss,
-        peak_rss=peak_rss(),
-        peak_rss_reset=reset,
+        prefill_peak_rss=prefill_peak,
+        decode_peak_rss=peak_rss(),
+        peak_rss_reset=reset and decode_reset,
         prefill_s=prefill_s,
         prefill_cpu_s=prefill_cpu,
         decode_ms_per_token=1000 * decode_s / NEW_TOKENS,
@@ -113,7 +119,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from _common import machine_info, machine_line, markdown_table, write_json
 
-    from pi_peft.measure import run_json_subprocess
+    from pi_peft.measure import MMAP_THRESHOLD, run_json_subprocess
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
@@ -127,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     for context in args.contexts:
         for config in CONFIGS:
             spec = dict(config=config, context=context, dims=dims, threads=args.threads)
-            env = {"OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+            env = {
+                "OMP_NUM_THREADS": str(args.threads),
+                "OMP_WAIT_POLICY": "PASSIVE",
+                "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+            }
             rows.append(run_json_subprocess([os.path.abspath(__file__), "--worker", json.dumps(spec)], env=env))
             print(json.dumps(rows[-1]), flush=True)
 
@@ -146,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['cache_bytes_per_token_layer']:,.0f}",
                 f"{row['cache_bytes_per_token_layer'] / ref['cache_bytes_per_token_layer']:.3f}",
                 mib(row["cache_bytes"]),
-                mib(row["peak_rss"]),
-                mib(row["peak_rss"] - row["model_rss"]),
-                f"{(row['peak_rss'] - row['model_rss']) / (ref['peak_rss'] - ref['model_rss']):.2f}",
+                mib(row["model_rss"]),
+                mib(row["prefill_peak_rss"] - row["model_rss"]),
+                f"{(row['prefill_peak_rss'] - row['model_rss']) / (ref['prefill_peak_rss'] - ref['model_rss']):.2f}",
+                mib(row["decode_peak_rss"] - row["model_rss"]),
+                f"{(row['decode_peak_rss'] - row['model_rss']) / (ref['decode_peak_rss'] - ref['model_rss']):.2f}",
                 f"{row['prefill_s']:.1f}",
                 f"{row['decode_ms_per_token']:.1f}",
                 f"{row['decode_cpu_ms_per_token']:.1f}",
@@ -163,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         "cache bytes / token / layer",
         "cache vs original",
         "cache MiB",
-        "peak RSS MiB",
-        "peak - model MiB",
+        "model RSS MiB",
+        "prefill peak - model MiB",
+        "vs original",
+        "decode peak - model MiB",
         "vs original",
         "prefill s",
         "decode ms/token",

@@ -28,7 +28,8 @@ def test_mla_kv_cache_benchmark_smoke(tmp_path):
         assert rows[config]["values_per_token_layer"] == s["kv_rank"] + dims["num_key_value_heads"] * s["rope_dims"]
         assert rows[config]["cache_bytes"] < rows["original"]["cache_bytes"]
     for row in rows.values():
-        assert row["cached_tokens"] == 96 and row["peak_rss"] >= row["model_rss"] > 0
+        assert row["cached_tokens"] == 96 and row["prefill_peak_rss"] >= row["model_rss"] > 0
+        assert row["decode_peak_rss"] > 0
 
 
 @pytest.mark.slow
