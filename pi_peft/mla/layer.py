@@ -96,7 +96,10 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         self.nope_dims = self.head_dim - rope_dims
         hidden = base_layer.q_proj.in_features
         k_proj, v_proj = base_layer.k_proj, base_layer.v_proj
-        factory = {"device": k_proj.weight.device, "dtype": k_proj.weight.dtype}
+        dtype = k_proj.weight.dtype
+        if not dtype.is_floating_point:  # 4-bit base: the MLA weights live in the compute dtype
+            dtype = getattr(k_proj, "compute_dtype", None) or torch.float32
+        factory = {"device": k_proj.weight.device, "dtype": dtype}
         kv, bias = self.num_kv_heads, k_proj.bias is not None
         with warnings.catch_warnings():  # every rotary dim kept: no-RoPE projection of zero width
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
@@ -260,8 +263,11 @@ class MLAAttention(nn.Module, BaseTunerLayer):
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (dequantised, for a bitsandbytes base) weight of a linear layer, LoRA-wrapped or not."""
+    from peft.utils.integrations import dequantize_module_weight
+
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-    return base.weight
+    return dequantize_module_weight(base)
 
 
 def _eager_of(attn: nn.Module):
