@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from pi_peft.mla import MLAAttention, MLACache, MLAConfig, MLAModel, initialize_mla_weights, joint_svd
@@ -222,7 +222,6 @@ def test_save_then_fresh_process_gives_equal_logits(tmp_path, tiny_checkpoint, i
     )
     torch.testing.assert_close(logits(loaded, ids), expected)
     assert any(p.requires_grad for n, p in loaded.named_parameters() if ".mla_" in n)
-    assert isinstance(AutoPeftModelForCausalLM, type)
 
 
 def test_two_norm_selection_uses_calibration_data_and_is_saved(tmp_path, ids):
