@@ -225,7 +225,10 @@ def _trl_trainer(model, lora, dims: dict[str, Any], context_length: int):
     args = SFTConfig(output_dir=out, max_length=context_length, max_steps=1, per_device_train_batch_size=1,
                      report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,
                      dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, peft_config=lora)
+    from pi_peft.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["the data is already token ids"], vocab_size=300)  # only for padding
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, peft_config=lora, processing_class=tokenizer)
     return trainer.model, trainer  # the worker runs `trainer.train()` (its own loop, optimizer and loss)
 
 

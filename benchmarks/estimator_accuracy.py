@@ -8,7 +8,10 @@ context. The measurements are on CPU. This script maps one onto the other as fol
 - the estimate is taken with `device="cpu"` (no CUDA overhead) and `dtype_bytes=4` (the CPU runs are fp32), with the
   measured run's settings: LoRA rank and LongLoRA switches from the run, batch size, SDPA attention, and for (b)
   gradient checkpointing + the loss its `auto` backend ran (`loss="chunked"` on CPU, `"fused"` for trl's kernel), for
+  (c) checkpointing + `loss="fused"` (trl's kernel), for
   (b') `loss="chunked"` with its `chunk_tokens`, for (a) neither (`gradient_checkpointing=False`, `loss="full"`);
+- the run's LoRA dropout (`lora_dropout`, the recipe default 0.05) is passed on: every LoRA layer keeps a dropped
+  copy of its input;
 - it is compared with two measured numbers of the same subprocess:
   `torch_peak`, the peak of live torch CPU allocations (the CPU analogue of `max_memory_allocated`), and
   `step_rss`, the peak RSS minus the RSS of the same process after its imports and before the model was built (what
@@ -68,6 +71,8 @@ def estimate_for(run: dict[str, Any]):
         from pi_peft.losses import available_loss_backends
 
         backend = available_loss_backends("cpu")[0]
+    if run["config"] == "trl":
+        backend = "trl"  # SFTTrainer computes its loss with trl's chunked kernel
     loss = "full" if plain else ("chunked" if backend == "chunked" else "fused")
     chunk = (run.get("loss_kwargs") or {}).get("chunk_tokens")
     extra = {"loss_chunk_tokens": chunk} if loss == "chunked" and chunk else {}
@@ -80,6 +85,7 @@ def estimate_for(run: dict[str, Any]):
         gradient_checkpointing=not plain,
         train_embeddings=lora["train_embeddings"],
         train_norms=lora["train_norms"],
+        lora_dropout=lora.get("lora_dropout", 0.0),
         dtype_bytes=4,
         attention="sdpa",
         loss=loss,
@@ -113,7 +119,7 @@ def report(rows: list[dict[str, Any]], info: dict[str, Any], source: str) -> str
     lines = [f"measurements: {source}", f"machine: {machine_line(info)}", ""]
     lines.append("estimate: estimate_memory(device='cpu', dtype_bytes=4, quantization='none', the run's LoRA "
                  "settings); ratio = estimate / measured; target for (b): within 25 %")  # fmt: skip
-    names = {"plain": "(a) plain", "pi_peft": "(b) pi_peft"}
+    names = {"plain": "(a) plain", "pi_peft": "(b) pi_peft", "trl": "(c) trl SFTTrainer (loss='fused')"}
     for label in dict.fromkeys(r["label"] for r in rows):
         sub = [r for r in rows if r["label"] == label]
         name = names.get(label, "(b') pi_peft, loss " + json.dumps(sub[0]["loss_kwargs"]))

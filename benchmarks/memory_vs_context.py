@@ -50,7 +50,7 @@ METRIC_HELP = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=DEFAULT_CONTEXTS, help="context lengths T in tokens")
-    p.add_argument("--configs", nargs="+", default=["plain", "pi_peft"], choices=["plain", "pi_peft"])
+    p.add_argument("--configs", nargs="+", default=["plain", "pi_peft", "trl"], choices=["plain", "pi_peft", "trl"])
     p.add_argument("--extra-loss-backend", default=None,
                    help="also run (b') = (b) with this `fused_causal_lm_loss` backend, e.g. `chunked`")  # fmt: skip
     p.add_argument("--extra-chunk-tokens", type=int, default=None, help="`chunk_tokens` of (b')")
@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss-backend", default=None, help="override `fused_causal_lm_loss(backend=...)` for (b)")
     p.add_argument("--chunk-tokens", type=int, default=None, help="`chunk_tokens` for the `chunked` loss backend")
     p.add_argument("--no-profile", action="store_true", help="skip the torch allocation peak (profiler)")
+    p.add_argument("--mmap-threshold", type=int, default=0,
+                   help="pin glibc's mmap threshold in the workers (bytes; e.g. 65536) so that RSS follows the live "
+                   "tensors; 0 = glibc's default")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny model (CI): checks the script, measures nothing useful")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     p.add_argument("--json-out", default=None, help="write all measurements here (JSON)")
@@ -80,12 +83,16 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any] | 
         if args.extra_chunk_tokens:
             kwargs["chunk_tokens"] = args.extra_chunk_tokens
         out.append(("pi_peft_extra", "pi_peft", kwargs))
+    if "trl" in args.configs:
+        out.append(("trl", "trl", None))
     return out
 
 
 def label_of(name: str, runs: list[dict[str, Any]]) -> str:
     if name == "plain":
         return "(a) plain"
+    if name == "trl":
+        return "(c) trl SFTTrainer"
     kwargs = next(r["loss_kwargs"] for r in runs if r["label"] == name)
     loss = ", loss " + ", ".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else ""
     return ("(b) pi_peft" if name == "pi_peft" else "(b') pi_peft") + loss
@@ -96,7 +103,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     for T in sorted(args.contexts):  # configurations interleaved per context, so load drift hits all alike
         for label, config, loss_kwargs in variants(args):
             spec = dict(config=config, context_length=T, steps=args.steps, threads=args.threads, smoke=args.smoke,
-                        profile=not args.no_profile, loss_kwargs=loss_kwargs)  # fmt: skip
+                        profile=not args.no_profile, loss_kwargs=loss_kwargs,
+                        mmap_threshold=args.mmap_threshold)  # fmt: skip
             run = {"label": label, **run_worker(spec, timeout=args.timeout)}
             msg = f"peak RSS {mib(run['peak_rss'])} MiB, torch peak {mib(run['torch_peak'])} MiB"
             print(f"  {label:>13} T={T:>6}: {msg}, {run['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
@@ -133,6 +141,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 for T in contexts
                 if T in table[name] and T in table["plain"]
             }
+    if "trl" in table and "pi_peft" in table:  # (b) / (c): pi_peft against the peer a user would pick instead
+        ratios["pi_peft_vs_trl"] = {
+            T: {m: ratio(table["pi_peft"][T].get(m), table["trl"][T].get(m)) for m in (*METRICS, *SPEEDS)}
+            for T in contexts
+            if T in table["pi_peft"] and T in table["trl"]
+        }
     fits = {}
     for name, rows in table.items():
         Ts = sorted(rows)
@@ -140,6 +154,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     lo, hi = TARGET_RANGE
     targets: dict[str, dict[str, Any]] = {}
     for name, per_T in ratios.items():
+        if name == "pi_peft_vs_trl":
+            continue
         in_range = [T for T in per_T if lo <= T <= hi]
         targets[name] = {
             m: dict(
@@ -167,10 +183,13 @@ def report(runs: list[dict[str, Any]], summary: dict[str, Any], info: dict[str, 
     for metric in METRICS:
         lines += ["", f"{METRIC_HELP[metric]} (MiB):", ""]
         headers = ["T"] + [label[n] for n in names] + [f"{short[n]} / (a)" for n in others if n in summary["ratios"]]
+        vs_trl = summary["ratios"].get("pi_peft_vs_trl")
+        headers += ["(b) / (c)"] if vs_trl else []
         rows = []
         for T in summary["contexts"]:
             row = [T] + [mib(table[n].get(T, {}).get(metric)) for n in names]
             row += [fmt_ratio(summary["ratios"][n].get(T, {}).get(metric)) for n in others if n in summary["ratios"]]
+            row += [fmt_ratio(vs_trl.get(T, {}).get(metric))] if vs_trl else []
             rows.append(row)
         lines.append(markdown_table(headers, rows))
     for key, title in (("tokens_per_s", "tokens / wall-clock second"), ("tokens_per_cpu_s", "tokens / CPU second")):

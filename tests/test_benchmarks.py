@@ -17,13 +17,14 @@ import estimator_accuracy  # noqa: E402
 import gpu_max_context  # noqa: E402
 import memory_vs_context  # noqa: E402
 import pi_overhead  # noqa: E402
+import tiled_mlp  # noqa: E402
 
 SMOKE_T = 128  # 2x the smoke model's original window
 
 
 @pytest.fixture(scope="module")
 def mvc(tmp_path_factory):
-    """One smoke run of memory_vs_context.py: (a) and (b), each in its own subprocess."""
+    """One smoke run of memory_vs_context.py: (a), (b) and (c), each in its own subprocess."""
     path = str(tmp_path_factory.mktemp("bench") / "mvc.json")
     assert memory_vs_context.main(["--smoke", "--contexts", str(SMOKE_T), "--json-out", path]) == 0
     with open(path) as f:
@@ -33,7 +34,8 @@ def mvc(tmp_path_factory):
 def test_memory_vs_context_runs_both_configurations_in_subprocesses(mvc):
     _, payload = mvc
     runs = {r["label"]: r for r in payload["runs"]}
-    assert set(runs) == {"plain", "pi_peft"}
+    assert set(runs) == {"plain", "pi_peft", "trl"}
+    assert runs["trl"]["checkpointing"] is True  # trl's own default, not ours
     for run in runs.values():
         assert run["context_length"] == SMOKE_T
         assert 0 < run["idle_rss"] < run["peak_rss"]
@@ -43,7 +45,7 @@ def test_memory_vs_context_runs_both_configurations_in_subprocesses(mvc):
         assert run["attn_implementation"] == "sdpa"
         assert run["dims"] == _common.SMOKE_DIMS
     pids = {run["pid"] for run in runs.values()}
-    assert len(pids) == 2 and os.getpid() not in pids  # each configuration in its own process
+    assert len(pids) == 3 and os.getpid() not in pids  # each configuration in its own process
     # same base, same data, same PI factor, LoRA B = 0 at the first step: both configurations compute the same loss,
     # (b) without ever building the full logits
     loss_a, loss_b = runs["plain"]["losses"][0], runs["pi_peft"]["losses"][0]
@@ -57,8 +59,10 @@ def test_memory_vs_context_summary_ratios_are_b_over_a(mvc):
     _, payload = mvc
     runs = {r["label"]: r for r in payload["runs"]}
     ratios = payload["summary"]["ratios"]["pi_peft"][str(SMOKE_T)]
+    vs_trl = payload["summary"]["ratios"]["pi_peft_vs_trl"][str(SMOKE_T)]
     for m in ("peak_rss", "step_rss", "torch_peak", "tokens_per_s", "tokens_per_cpu_s"):
         assert ratios[m] == pytest.approx(runs["pi_peft"][m] / runs["plain"][m])
+        assert vs_trl[m] == pytest.approx(runs["pi_peft"][m] / runs["trl"][m])
     assert payload["machine"]["cores"] == os.cpu_count() and payload["machine"]["torch"] == torch.__version__
 
 
@@ -67,7 +71,7 @@ def test_memory_vs_context_report_has_every_table(mvc, capsys):
     text = memory_vs_context.report(payload["runs"], payload["summary"], payload["machine"])
     needles = ["peak RSS of the process", "peak RSS minus the idle RSS", "peak of live torch CPU allocations",
                "tokens / wall-clock second", "tokens / CPU second", "(b) / (a)", "Growth of memory", "(a) plain",
-               "(b) pi_peft"]  # fmt: skip
+               "(b) pi_peft", "(c) trl SFTTrainer", "(b) / (c)"]  # fmt: skip
     for needle in needles:
         assert needle in text
 
@@ -89,7 +93,7 @@ def test_estimator_accuracy_compares_the_measured_runs(mvc, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "device='cpu', dtype_bytes=4" in text and "within 25%" in text
     rows = json.loads(out.read_text())["rows"]
-    assert [r["label"] for r in rows] == ["plain", "pi_peft"]
+    assert [r["label"] for r in rows] == ["plain", "pi_peft", "trl"]
     runs = {r["label"]: r for r in payload["runs"]}
     for row in rows:
         est = estimator_accuracy.estimate_for(runs[row["label"]])
@@ -154,3 +158,21 @@ def test_gpu_search_rejects_bad_arguments():
         gpu_max_context.search_max_context(lambda T: True, 1000, 1024, 4096)
     with pytest.raises(ValueError, match="`multiple_of` must be a positive int"):
         gpu_max_context.search_max_context(lambda T: True, 1024, 0, 4096)
+
+
+def test_tiled_mlp_benchmark_smoke(tmp_path, capsys):
+    out = tmp_path / "tiled.json"
+    argv = ["--smoke", "--contexts", "128", "--steps", "1", "--tile-tokens", "32", "--json-out", str(out)]
+    assert tiled_mlp.main(argv) == 0
+    payload = json.loads(out.read_text())
+    runs = {r["config"]: r for r in payload["runs"]}
+    assert set(runs) == {"pi_peft", "pi_peft_tiled"} and runs["pi_peft_tiled"]["tile_tokens"] == 32
+    # the same model, data and seed: tiling is exact, so the first step's loss is the same
+    assert runs["pi_peft_tiled"]["losses"][0] == pytest.approx(runs["pi_peft"]["losses"][0], abs=1e-5)
+    row = payload["summary"]["rows"][str(SMOKE_T)]
+    assert row["ratio_step_rss"] == pytest.approx(runs["pi_peft_tiled"]["step_rss"] / runs["pi_peft"]["step_rss"])
+    est_b, est_t = tiled_mlp.estimate_for(runs["pi_peft"]), tiled_mlp.estimate_for(runs["pi_peft_tiled"])
+    assert (row["estimate_b"], row["estimate_t"]) == (est_b.total, est_t.total)
+    assert est_t.tile_tokens == 32 and est_t.layer < est_b.layer  # the estimator counts one 32-token MLP tile
+    text = capsys.readouterr().out
+    assert "(t)/(b)" in text and "target (t) step time <= 1.3" in text
