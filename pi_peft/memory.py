@@ -16,7 +16,6 @@ The losses that never build the full `(tokens x vocab)` logits are in `pi_peft.l
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
 import types
@@ -36,8 +35,10 @@ TILED_ATTR = "_pi_tiled_mlp"  # set on a wrapped MLP: its tile size (`None` = au
 def attn_implementation(device: Optional[str] = None) -> str:
     """The attention kernel to load a model with: `"flash_attention_2"` when `flash_attn` is installed and the model
     goes to a CUDA device, else `"sdpa"` (PyTorch's fused attention: O(T) memory on GPU, never the eager T x T)."""
+    from transformers.utils import is_flash_attn_2_available
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+    if str(device).startswith("cuda") and is_flash_attn_2_available():
         return "flash_attention_2"
     return "sdpa"
 
