@@ -170,22 +170,19 @@ def _sdpa_regular(q, k, v, group: int, first: int, dropout: float, scale) -> tor
     """Fast path for rows without packing or padding: `(B, T, h, D)` -> `(B, T, h, D)` with blocks of `group`
     tokens after a first block of `first` tokens (0 for the unshifted half), by reshaping, not gathering."""
     batch, seq_len = q.shape[:2]
-    pieces = []
-    if first:
-        pieces.append(_sdpa(q[:, :first], k[:, :first], v[:, :first], dropout, scale))
     n_full = (seq_len - first) // group
-    if n_full:
-        end = first + n_full * group
-
-        def blocks(x):  # (B, n*G, h, D) -> (B*n, G, h, D)
-            return x[:, first:end].reshape(batch * n_full, group, *x.shape[2:])
-
-        out = _sdpa(blocks(q), blocks(k), blocks(v), dropout, scale)  # (B*n, G, h, D)
-        pieces.append(out.reshape(batch, n_full * group, *out.shape[2:]))
-    else:
-        end = first
-    if end < seq_len:
-        pieces.append(_sdpa(q[:, end:], k[:, end:], v[:, end:], dropout, scale))
+    sizes = [first, n_full * group, seq_len - first - n_full * group]  # short first block, full blocks, the rest
+    kept = [i for i, n in enumerate(sizes) if n]
+    # `split`, not slicing: its backward writes the gradients into one tensor instead of one zero-padded copy each
+    parts = [[x.split(sizes, dim=1)[i] for i in kept] for x in (q, k, v)]
+    pieces = []
+    for i, qp, kp, vp in zip(kept, *parts):
+        if i == 1:  # (B, n*G, h, D) -> (B*n, G, h, D)
+            qb, kb, vb = (x.reshape(batch * n_full, group, *x.shape[2:]) for x in (qp, kp, vp))
+            out = _sdpa(qb, kb, vb, dropout, scale)  # (B*n, G, h, D)
+            pieces.append(out.reshape(batch, n_full * group, *out.shape[2:]))
+        else:
+            pieces.append(_sdpa(qp, kp, vp, dropout, scale))
     return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
 
 
@@ -282,11 +279,19 @@ def s2_attention(
             valid = None
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, T, H*, D) token-major views
     regular = valid is None and docs is None and not force_segments and backend in SDPA_BASES
+    halves = [(shifted, h0, h1) for shifted, (h0, h1) in zip((False, True), head_halves(num_heads)) if h0 < h1]
+    q_parts = q.split([h1 - h0 for _, h0, h1 in halves], dim=2)  # one gradient tensor in backward, not one per half
+    kv_heads = [_kv_heads_for(h0, h1, num_kv_heads, n_rep)[0] for _, h0, h1 in halves]
+    if all(isinstance(sl, slice) for sl in kv_heads) and [sl.start for sl in kv_heads] == [0] + [
+        sl.stop for sl in kv_heads[:-1]
+    ]:  # the halves' key/value heads partition them (MHA, most GQA): split them too
+        sizes = [sl.stop - sl.start for sl in kv_heads]
+        k_parts, v_parts = k.split(sizes, dim=2), v.split(sizes, dim=2)
+    else:  # MQA or heads shared across the halves
+        k_parts = [_select_kv(k, h0, h1, n_rep) for _, h0, h1 in halves]
+        v_parts = [_select_kv(v, h0, h1, n_rep) for _, h0, h1 in halves]
     outputs = []
-    for shifted, (h0, h1) in zip((False, True), head_halves(num_heads)):
-        if h0 == h1:
-            continue
-        qh, kh, vh = q[:, :, h0:h1], _select_kv(k, h0, h1, n_rep), _select_kv(v, h0, h1, n_rep)
+    for (shifted, _, _), qh, kh, vh in zip(halves, q_parts, k_parts, v_parts):
         if regular:
             first = group - group // 2 if shifted else 0
             outputs.append(_sdpa_regular(qh, kh, vh, group, first, dropout, scale))  # (B, T, h, D)
