@@ -52,7 +52,7 @@ QUICK = dict(demo.QUICK, finetune_steps=4, threads=1)
 QUICK_LEVELS = {"25%": (8, 4), "12%": (4, 2)}  # quick model: 4 heads x head_dim 16
 
 
-def mla_adapter(base, cfg, data, level, scaling_factor=1.0, calibration_batches=8):
+def mla_adapter(base, cfg, data, level, scaling_factor=1.0, calibration_batches=8, selection="2-norm"):
     from peft import get_peft_model
 
     from pi_peft.mla import MLAConfig, initialize_mla_weights
@@ -61,7 +61,7 @@ def mla_adapter(base, cfg, data, level, scaling_factor=1.0, calibration_batches=
     config = MLAConfig(
         kv_rank=kv_rank,
         rope_dims=rope_dims,
-        rope_selection="2-norm",
+        rope_selection=selection,
         scaling_factor=scaling_factor,
         r=cfg.lora_r,
         lora_alpha=2 * cfg.lora_r,
@@ -69,6 +69,8 @@ def mla_adapter(base, cfg, data, level, scaling_factor=1.0, calibration_batches=
         train_norms=True,
     )
     model = get_peft_model(copy.deepcopy(base), config)
+    if selection != "2-norm":
+        return model
     rng = random.Random(cfg.seed + 7)
     L = cfg.context_length
     batches = [
@@ -126,6 +128,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--variations",
+        action="store_true",
+        help="checks of the setup instead of the main table: the exact conversion (every rotary dim, full rank) "
+        "must match the original; 4x the fine-tuning steps; 'high' instead of '2-norm' (writes variations.*)",
+    )
     args = parser.parse_args(argv)
     cfg = replace(demo.DemoConfig(), **(QUICK if args.quick else EXPERIMENT))
     levels = QUICK_LEVELS if args.quick else LEVELS
@@ -151,12 +159,27 @@ def main(argv=None) -> int:
         print(name, json.dumps(entry), flush=True)
 
     run("original", base)
-    for tag, level in levels.items():
+    if args.variations:
+        head_dim = mc.hidden_size // mc.num_attention_heads
+        exact = (mc.num_key_value_heads * head_dim, head_dim)  # full rank of [W_v] with no no-RoPE key rows
+        run("mla-exact", mla_adapter(base, cfg, data, exact, selection="high"), exact)
+        tag, level = next(iter(levels.items()))
+        longer = replace(cfg, finetune_steps=4 * cfg.finetune_steps)
+        t = time.time()
+        model = mla_adapter(base, longer, data, level)
+        entry = {"cache_values": cache_values(mc, level), "train_loss": finetune(longer, data, model, L, "4x")}
+        model.eval()
+        results[f"mla-{tag}-ft-4x-steps"] = {**entry, **evaluate(cfg, data, model)}
+        timings[f"mla-{tag}-ft-4x-steps"] = round(time.time() - t, 1)
+        print(f"mla-{tag}-ft-4x-steps", json.dumps(results[f"mla-{tag}-ft-4x-steps"]), flush=True)
+        run(f"mla-{tag}-high-ft", mla_adapter(base, cfg, data, level, selection="high"), level, train_length=L)
+    for tag, level in ({} if args.variations else levels).items():
         run(f"mla-{tag}-init", mla_adapter(base, cfg, data, level), level)
         run(f"mla-{tag}-ft", mla_adapter(base, cfg, data, level), level, train_length=L)
-    run("pi-ft", demo.pi_adapter(base, cfg, float(cfg.factor)), None, train_length=T)
-    tag = next(iter(levels))
-    run(f"mla-{tag}-pi-ft", mla_adapter(base, cfg, data, levels[tag], float(cfg.factor)), levels[tag], T)
+    if not args.variations:
+        run("pi-ft", demo.pi_adapter(base, cfg, float(cfg.factor)), None, train_length=T)
+        tag = next(iter(levels))
+        run(f"mla-{tag}-pi-ft", mla_adapter(base, cfg, data, levels[tag], float(cfg.factor)), levels[tag], T)
 
     md = table(results, cfg)
     header = (
@@ -169,11 +192,13 @@ def main(argv=None) -> int:
     print(md)
     payload = {"config": asdict(cfg), "levels": levels, "pretrain": info, "timings": timings, "results": results}
     payload["results"] = {k: {**v, "ppl": {str(n): p for n, p in v["ppl"].items()}} for k, v in results.items()}
-    with open(os.path.join(args.output_dir, "results.json.tmp"), "w") as f:
+    stem = os.path.join(args.output_dir, "variations" if args.variations else "results")
+    with open(f"{stem}.json.tmp", "w") as f:
         json.dump(payload, f, indent=2, default=str)
-    os.replace(os.path.join(args.output_dir, "results.json.tmp"), os.path.join(args.output_dir, "results.json"))
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+    os.replace(f"{stem}.json.tmp", f"{stem}.json")
+    with open(f"{stem}.md.tmp", "w") as f:
         f.write(f"{header}\n\n{md}\n")
+    os.replace(f"{stem}.md.tmp", f"{stem}.md")
     return 0
 
 
