@@ -38,6 +38,9 @@ from typing import Any, Optional
 # RSS, its high-water mark and torch's allocation peak: shared with `pi-peft estimate`'s check (`pi_peft.measure`)
 from pi_peft.measure import current_rss, peak_rss, reset_peak_rss, run_json_subprocess, torch_alloc_peak  # noqa: F401
 
+# the project's one Markdown-table and one atomic-write helper (`markdown_table` re-exported for the scripts)
+from pi_peft.utils import atomic_write_text, markdown_table  # noqa: F401
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 1024**2
 GIB = 1024**3
@@ -431,24 +434,15 @@ def fit_growth(contexts: list[int], values: list[float]) -> dict[str, Any]:
     return out
 
 
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def mib(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x / MIB:,.0f}"
 
 
 def write_json(path: Optional[str], payload: dict[str, Any]) -> None:
-    """Write `payload` to `path` atomically (temp file + `os.replace`)."""
+    """Write `payload` to `path` as JSON, complete or absent (`pi_peft.utils.atomic_write_text`)."""
     if not path:
         return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

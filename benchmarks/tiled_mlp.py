@@ -15,11 +15,22 @@ live tensors) and the peak of live torch allocations of the first step (`torch_p
 further steps (wall clock and CPU time of the process), and the estimator's prediction
 (`estimate_memory(..., tiled_mlp=...)`) beside each measurement. Targets: (t)/(b) peak <= 0.7 at 16k, step time
 (t)/(b) <= 1.3.
+
+Step times of separate subprocesses differ with the machine's load at the time each one ran. For the time target use
+the interleaved mode, which measures nothing else:
+
+    python benchmarks/tiled_mlp.py --interleaved --json-out benchmarks/results/tiled_mlp_interleaved.json
+
+Both configurations live in one process at one T (`--time-context`, 16k by default) on the same batch; after one
+untimed warm-up step each they take steps in rounds B T T B (as `pi_overhead.py` does), so that drift in load hits
+both alike. Reported: the ratio of the median step times (t)/(b), the median of the per-round ratios (each round: the
+two (t) steps over the two (b) steps) with its bootstrap 95 % interval, wall clock and CPU time of the process.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from typing import Any
 
@@ -56,6 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
     p.add_argument("--json-out", default=None, help="write all measurements here (JSON)")
     p.add_argument("--report-from", default=None, help="measure nothing: print the report of a saved --json-out")
+    p.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="measure step time only: both configurations in one process, steps interleaved B T T B",
+    )
+    p.add_argument("--time-context", type=int, default=TARGET_T, help="T of the --interleaved mode")
+    p.add_argument("--rounds", type=int, default=4, help="B T T B rounds of the --interleaved mode")
     return p.parse_args(argv)
 
 
@@ -161,6 +179,94 @@ def fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+# ---- interleaved step time ---------------------------------------------------------------------------------------
+def measure_interleaved(args: argparse.Namespace) -> dict[str, Any]:
+    """Step times of (b) and (t) in this process at `args.time_context` tokens, in `args.rounds` B T T B rounds."""
+    import torch
+    from _common import batch, build, make_optimizer
+    from pi_overhead import timed_step
+
+    from pi_peft.memory import TILED_ATTR
+
+    torch.set_num_threads(args.threads)
+    dims = bench_dims(True) if args.smoke else dict(TILED_DIMS)
+    T = args.time_context
+    runs = {}
+    for config in CONFIGS:
+        tile = args.tile_tokens if config == "pi_peft_tiled" else None
+        model, loss_fn = build(config, dims, T, seed=0, tile_tokens=tile)
+        runs[config] = dict(model=model, loss_fn=loss_fn, optimizer=make_optimizer(model), times=[], cpu_times=[])
+    ids = batch(dims, T)  # (1, T)
+    tiled = {c: sum(hasattr(m, TILED_ATTR) for m in r["model"].modules()) for c, r in runs.items()}
+    first_loss = {c: float(r["loss_fn"](r["model"], ids).detach()) for c, r in runs.items()}  # same model, same loss
+    for config, run in runs.items():  # warm-up, not timed
+        wall, cpu = timed_step(run["model"], run["loss_fn"], run["optimizer"], ids)
+        print(f"  warm-up {config:>13} T={T}: {wall:.1f} s wall, {cpu:.1f} s CPU", file=sys.stderr, flush=True)
+    ratios, cpu_ratios = [], []
+    for i in range(args.rounds):
+        wall, cpu = dict.fromkeys(CONFIGS, 0.0), dict.fromkeys(CONFIGS, 0.0)
+        for config in ("pi_peft", "pi_peft_tiled", "pi_peft_tiled", "pi_peft"):
+            run = runs[config]
+            t, c = timed_step(run["model"], run["loss_fn"], run["optimizer"], ids)
+            run["times"].append(t)
+            run["cpu_times"].append(c)
+            wall[config] += t
+            cpu[config] += c
+        ratios.append(wall["pi_peft_tiled"] / wall["pi_peft"])
+        cpu_ratios.append(cpu["pi_peft_tiled"] / cpu["pi_peft"])
+        print(f"  round {i + 1}/{args.rounds}: (t)/(b) wall {ratios[-1]:.3f}, CPU {cpu_ratios[-1]:.3f}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    return dict(
+        context_length=T,
+        dims=dims,
+        tile_tokens=args.tile_tokens,
+        tiled_mlps=tiled,
+        first_loss=first_loss,
+        threads=torch.get_num_threads(),
+        step_times={c: r["times"] for c, r in runs.items()},
+        cpu_times={c: r["cpu_times"] for c, r in runs.items()},
+        ratios=ratios,
+        cpu_ratios=cpu_ratios,
+    )
+
+
+def summarize_interleaved(result: dict[str, Any]) -> dict[str, Any]:
+    from pi_overhead import bootstrap_median_ci
+
+    out: dict[str, Any] = dict(rounds=len(result["ratios"]))
+    for kind, times, ratios in (("wall", "step_times", "ratios"), ("cpu", "cpu_times", "cpu_ratios")):
+        med = {c: statistics.median(result[times][c]) for c in CONFIGS}
+        out[kind] = dict(median_step_s=med, ratio_of_medians=med["pi_peft_tiled"] / med["pi_peft"],
+                         median_round_ratio=statistics.median(result[ratios]),
+                         median_round_ratio_ci95=bootstrap_median_ci(result[ratios]),
+                         min_round_ratio=min(result[ratios]), max_round_ratio=max(result[ratios]))  # fmt: skip
+    out["met"] = out["wall"]["ratio_of_medians"] <= TARGET_TIME
+    return out
+
+
+def report_interleaved(result: dict[str, Any], summary: dict[str, Any], info: dict[str, Any]) -> str:
+    dims, T = result["dims"], result["context_length"]
+    lines = [f"machine: {machine_line(info)}", "",
+             f"model: Llama, hidden {dims['hidden_size']}, intermediate {dims['intermediate_size']}, "
+             f"{dims['num_hidden_layers']} layers; T = {T} tokens, batch 1, fp32, {result['threads']} thread(s); "
+             f"{summary['rounds']} rounds (b) (t) (t) (b) in one process after one warm-up step each", "",
+             f"- (b) pi_peft: {CONFIG_HELP['pi_peft']}", f"- (t) pi_peft + tiled MLP: {CONFIG_HELP['pi_peft_tiled']}",
+             ""]  # fmt: skip
+    headers = ["clock", "(b) median step (s)", "(t) median step (s)", "(t)/(b): ratio of medians",
+               "per-round ratio: median [95% CI]", "min - max"]  # fmt: skip
+    rows = []
+    for kind, name in (("wall", "wall"), ("cpu", "CPU of the process")):
+        k = summary[kind]
+        lo, hi = k["median_round_ratio_ci95"]
+        rows.append([name, f"{k['median_step_s']['pi_peft']:.2f}", f"{k['median_step_s']['pi_peft_tiled']:.2f}",
+                     f"{k['ratio_of_medians']:.3f}", f"{k['median_round_ratio']:.3f} [{lo:.3f}, {hi:.3f}]",
+                     f"{k['min_round_ratio']:.3f} - {k['max_round_ratio']:.3f}"])  # fmt: skip
+    lines += [markdown_table(headers, rows), ""]
+    lines.append(f"target (t) step time <= {TARGET_TIME} x (b) at {T} (interleaved, ratio of wall-clock medians): "
+                 f"{summary['wall']['ratio_of_medians']:.3f} -> {'met' if summary['met'] else 'MISSED'}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report_from:
@@ -168,9 +274,18 @@ def main(argv=None) -> int:
 
         with open(args.report_from, encoding="utf-8") as f:
             saved = json.load(f)
+        if "result" in saved:  # an --interleaved run
+            print(report_interleaved(saved["result"], summarize_interleaved(saved["result"]), saved["machine"]))
+            return 0
         print(report(saved["runs"], summarize(saved["runs"]), saved["machine"]))
         return 0
     info = machine_info()
+    if args.interleaved:
+        result = measure_interleaved(args)
+        summary = summarize_interleaved(result)
+        print(report_interleaved(result, summary, info))
+        write_json(args.json_out, dict(machine=info, args=vars(args), result=result, summary=summary))
+        return 0
     runs = measure(args)
     summary = summarize(runs)
     print(report(runs, summary, info))

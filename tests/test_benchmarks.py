@@ -176,3 +176,25 @@ def test_tiled_mlp_benchmark_smoke(tmp_path, capsys):
     assert est_t.tile_tokens == 32 and est_t.layer < est_b.layer  # the estimator counts one 32-token MLP tile
     text = capsys.readouterr().out
     assert "(t)/(b)" in text and "target (t) step time <= 1.3" in text
+
+
+def test_tiled_mlp_interleaved_timing_smoke(tmp_path, capsys):
+    """`--interleaved`: both configurations in one process, B T T B rounds, ratio of medians."""
+    out = tmp_path / "interleaved.json"
+    argv = ["--interleaved", "--smoke", "--time-context", "128", "--rounds", "2", "--tile-tokens", "32"]
+    assert tiled_mlp.main([*argv, "--json-out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    result, summary = payload["result"], payload["summary"]
+    assert result["tiled_mlps"] == {"pi_peft": 0, "pi_peft_tiled": _common.SMOKE_DIMS["num_hidden_layers"]}
+    assert result["first_loss"]["pi_peft_tiled"] == pytest.approx(result["first_loss"]["pi_peft"], abs=1e-5)
+    for config in tiled_mlp.CONFIGS:
+        assert len(result["step_times"][config]) == len(result["cpu_times"][config]) == 4  # 2 rounds x 2 steps
+    assert len(result["ratios"]) == len(result["cpu_ratios"]) == 2
+    med = {c: sorted(ts)[1:3] for c, ts in result["step_times"].items()}  # median of 4 = mean of the middle two
+    expected = sum(med["pi_peft_tiled"]) / sum(med["pi_peft"])
+    assert summary["wall"]["ratio_of_medians"] == pytest.approx(expected)
+    assert summary["met"] == (expected <= tiled_mlp.TARGET_TIME)
+    text = capsys.readouterr().out
+    assert "ratio of medians" in text and "target (t) step time <= 1.3" in text
+    assert tiled_mlp.main(["--report-from", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == text.strip()
