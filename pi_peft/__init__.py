@@ -29,16 +29,25 @@ __all__ = [*_LAZY, "__version__"]
 def _install() -> None:
     """Register pi_peft's methods with peft and route ``PeftModel.push_to_hub`` of PI models (called once peft is
     imported)."""
+    import warnings
+
     from .config import PIConfig
     from .hub import install_push_to_hub
+    from .mla import MLAConfig, MLAModel
+    from .mla.config import PEFT_TYPE_NAME as MLA_PEFT_TYPE_NAME
     from .model import PIModel
 
     _registration.register(PIConfig, PIModel)
-    from .mla import MLAConfig, MLAModel
-    from .mla import config as mla_config
-
-    _registration.register(MLAConfig, MLAModel, name=mla_config.PEFT_TYPE_NAME)
+    _registration.register(MLAConfig, MLAModel, name=MLA_PEFT_TYPE_NAME)
     install_push_to_hub()
+    # peft 0.21 (`PeftModel.__init__`) and trl 1.16 read transformers' deprecated `is_gradient_checkpointing` on every
+    # get_peft_model / SFTTrainer; the FutureWarning is theirs to fix and nothing a user can act on. Only that message.
+    warnings.filterwarnings(
+        "ignore",
+        message="`is_gradient_checkpointing` is deprecated",
+        category=FutureWarning,
+        module="transformers.modeling_utils",
+    )
 
 
 def _install_trl() -> None:

@@ -94,6 +94,9 @@ class PITrainingConfig(SFTConfig):
     max_length: Optional[int] = field(
         default=None, metadata={"help": "Tokens per training sequence; defaults to the target `context_length`."}
     )
+    activation_checkpointing: Optional[bool] = field(
+        default=True, metadata={"help": "Recompute activations in backward (transformers' current name; on)."}
+    )
     activation_checkpointing_kwargs: Optional[dict] = field(
         default_factory=lambda: {"use_reentrant": False},
         metadata={"help": "Keyword arguments for gradient checkpointing (non-reentrant by default)."},

@@ -302,3 +302,43 @@ def test_missing_data_file_is_named(tmp_path):
 
     with pytest.raises(ValueError, match=r"`data_files`: no such file\(s\) \['.*missing.jsonl'\]"):
         load_raw_dataset(data_files=[str(tmp_path / "missing.jsonl")])
+
+
+def test_get_peft_model_and_sft_trainer_raise_no_future_warning(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import pi_peft
+        from datasets import Dataset
+        from peft import get_peft_model
+        from trl import SFTConfig, SFTTrainer
+        from pi_peft import PIConfig
+        from pi_peft.tiny import tiny_model, train_tokenizer
+
+        get_peft_model(tiny_model(), PIConfig(scaling_factor=4.0, target_modules=["q_proj"]))
+        tok = train_tokenizer(["the quick brown fox " * 40], vocab_size=300)
+        tok.pad_token, tok.eos_token = "<pad>", "</s>"
+        SFTTrainer(
+            model=tiny_model(vocab_size=len(tok)),
+            args=SFTConfig({str(tmp_path)!r}, report_to="none", use_cpu=True, activation_checkpointing=True),
+            train_dataset=Dataset.from_dict({{"text": ["the quick brown fox " * 30] * 2}}),
+            processing_class=tok,
+            peft_config=PIConfig(scaling_factor=4.0, target_modules=["q_proj"]),
+        )
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_pi_peft_train_arguments_use_current_checkpointing_names():
+    import warnings
+
+    from pi_peft.cli.train import parse_train_args
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        script, training, model, pi = parse_train_args(["--model_name_or_path", "x", "--use_cpu", "--bf16", "false"])
+    assert training.activation_checkpointing and training.activation_checkpointing_kwargs == {"use_reentrant": False}

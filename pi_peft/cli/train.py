@@ -23,15 +23,23 @@ COMMON = (
     "lora_r",
     "lora_alpha",
     "lora_target_modules",
-    "gradient_checkpointing",
+    "activation_checkpointing",
     "resume_from_checkpoint",
     "push_to_hub",
     "hub_model_id",
 )
 """The trl/transformers options shown by plain `--help`."""
 
-HIDDEN = ("use_peft", "lora_task_type", "load_in_8bit", "config")
-"""Options that do not apply: the adapter is always a PI (LoRA) adapter for a causal LM, 8-bit is not supported."""
+HIDDEN = (
+    "use_peft",
+    "lora_task_type",
+    "load_in_8bit",
+    "config",
+    "gradient_checkpointing",
+    "gradient_checkpointing_kwargs",
+)
+"""Options that do not apply (the adapter is always a PI (LoRA) adapter for a causal LM, 8-bit is not supported) and
+transformers' deprecated `gradient_checkpointing*` aliases (`activation_checkpointing*` are shown)."""
 
 CONFIG_HELP = "a YAML recipe (e.g. recipes/llama2-7b-16k.yaml); options on the command line override it"
 
