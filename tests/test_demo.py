@@ -136,3 +136,27 @@ def test_demo_rejects_unknown_setting(tmp_path):
 def test_demo_rejects_unknown_arm(tmp_path):
     with pytest.raises(ValueError, match="`arms` contains \\['nope'\\]"):
         demo.run_demo(replace(DemoConfig(**QUICK), arms=("pi", "nope")), str(tmp_path))
+
+
+def test_full_finetuning_arms_are_plain_models_with_the_arm_rope():
+    """pi-full-ft = the PI adapter merged (the same outputs, RoPE linear x4, every weight trainable); direct-full-ft
+    keeps the base's RoPE."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = DemoConfig(**QUICK)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, vocab_size=100
+    )
+    base = AutoModelForCausalLM.from_config(replace(config, max_position_embeddings=cfg.context_length)).eval()
+    ids = torch.randint(0, 100, (1, cfg.target_length))
+    full, adapter = demo.arm_model(base, cfg, "pi-full-ft"), demo.arm_model(base, cfg, "pi")
+    assert type(full) is type(base) and all(p.requires_grad for p in full.parameters())
+    assert full.config.rope_parameters["rope_type"] == "linear" and full.config.rope_parameters["factor"] == cfg.factor
+    assert torch.allclose(full.model.rotary_emb.inv_freq * cfg.factor, base.model.rotary_emb.inv_freq)
+    with torch.no_grad():
+        assert torch.allclose(full(ids).logits, adapter(ids).logits, atol=1e-5)
+    direct = demo.arm_model(base, cfg, "direct-full-ft")
+    assert torch.equal(direct.model.rotary_emb.inv_freq, base.model.rotary_emb.inv_freq)
+    with pytest.raises(ValueError, match="`arms` contains 'nope'"):
+        demo.arm_model(base, cfg, "nope")
