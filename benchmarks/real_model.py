@@ -234,17 +234,21 @@ def part_nofinetune(args) -> dict:
     ends = [max(args.lengths) + 2000 + 10_000 * t for t in range(args.trials)]
     keys = [random_key(rng) for _ in range(args.trials)]
     max_new = len(tokenizer(" " + keys[0], add_special_tokens=False)["input_ids"]) + 1
-    rows, timing = [], {m: 0.0 for m in args.methods}
+    rows = []
+    partial = args.work_dir / "nofinetune.partial.json"
+    if args.resume and partial.exists():  # keep the cells an interrupted run finished
+        rows = [r for r in json.loads(partial.read_text())["rows"] if not r.get("copied_from_base")]
+    done = {(r["method"], r["length"], r["trial"]) for r in rows}
     models = {}
     for method in args.methods:  # all at once (0.5 GB each), so that the loop can go length by length
-        start = time.perf_counter()
         models[method] = apply_method(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), method).eval()
-        timing[method] += time.perf_counter() - start
     for length in args.lengths:  # shortest first: an interrupted run still has every method at the short lengths
         for method, model in models.items():
             if method == "dynamic" and length <= ORIGINAL_WINDOW and args.dynamic_equals_base:
                 continue  # identical to base by construction (dynamic NTK rescales only past the window)
             for trial, (end, key) in enumerate(zip(ends, keys)):
+                if (method, length, trial) in done:
+                    continue
                 ids, scored_end = build_probe(tokenizer, text_ids, end, length, key, args.depth)
                 t0 = time.perf_counter()
                 res = run_probe(model, ids, scored_end, args.scored, max_new)
@@ -259,14 +263,13 @@ def part_nofinetune(args) -> dict:
                     nll=res["nll_sum"] / args.scored,
                     seconds=round(time.perf_counter() - t0, 1),
                 )
-                timing[method] += row["seconds"]
                 rows.append(row)
                 log(
                     f"nofinetune {method} L={length} trial={trial}: nll {row['nll']:.3f} answer {answer!r} "
                     f"({'ok' if row['correct'] else 'wrong'}, key {key}) {row['seconds']} s"
                 )
                 save_json(args.work_dir / "nofinetune.partial.json", {"rows": rows})
-    timing = {m: round(t, 1) for m, t in timing.items()}
+    timing = {m: round(sum(r["seconds"] for r in rows if r["method"] == m), 1) for m in args.methods}
     if args.dynamic_equals_base and "dynamic" in args.methods and "base" in args.methods:
         for row in [r for r in rows if r["method"] == "base" and r["length"] <= ORIGINAL_WINDOW]:
             rows.append({**row, "method": "dynamic", "seconds": 0.0, "copied_from_base": True})
@@ -856,6 +859,7 @@ def parse_args(argv=None):
         help="also run the LoRA GGUF without the README's RoPE flags (must disagree)",
     )
     p.add_argument("--reload-tokens", type=int, default=512, help="tokens of the fresh-process reload check")
+    p.add_argument("--resume", action="store_true", help="part 1: keep the cells of an interrupted run")
     p.add_argument("--pi-peft-cmd", help=argparse.SUPPRESS)  # override of the `pi-peft` command (debugging)
     args = p.parse_args(argv)
     if args.quick:

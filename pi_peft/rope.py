@@ -42,6 +42,8 @@ class RopeType:
     """``(rope_parameters key, llama.cpp flag)`` pairs passed when the key is set."""
     llama_cpp_note: str = ""
     """What to do instead when ``llama_cpp`` is ``None``."""
+    llama_cpp_ignored: tuple[str, ...] = ()
+    """``rope_parameters`` keys llama.cpp's runtime flags cannot reproduce: when one is set, no flags are given."""
     note: str = ""
     """A caveat users should know, shown in PIConfig's documentation and the model card."""
 
@@ -62,11 +64,13 @@ ROPE_TYPES: dict[str, RopeType] = {
         extra_parameters=("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
         needs_original_window=True,
         llama_cpp="yarn",
-        llama_cpp_flags=(
-            ("beta_fast", "--yarn-beta-fast"),
-            ("beta_slow", "--yarn-beta-slow"),
-            ("attention_factor", "--yarn-attn-factor"),
-        ),
+        llama_cpp_flags=(("beta_fast", "--yarn-beta-fast"), ("beta_slow", "--yarn-beta-slow")),
+        # llama.cpp overwrites `--yarn-attn-factor` whenever YaRN is on and always scales attention by 0.1 ln(s) + 1
+        # (llama-context.cpp; measured in tests/test_real_model.py): a custom attention scale cannot be passed
+        llama_cpp_ignored=("attention_factor", "mscale", "mscale_all_dim"),
+        llama_cpp_note="llama.cpp cannot apply this adapter's own YaRN attention scale (`attention_factor`, "
+        "`mscale` or `mscale_all_dim`): with YaRN on it ignores `--yarn-attn-factor` and always uses "
+        "0.1 * ln(factor) + 1. Serve this adapter with vLLM or transformers.",
     ),
     "llama3": RopeType(
         "llama3",

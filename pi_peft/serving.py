@@ -91,7 +91,7 @@ def vllm_lora_command(ext: Extension, base: str, adapter_path: str, rank: int, n
 def llama_cpp_rope_flags(ext: Extension) -> Optional[str]:
     """llama.cpp runtime flags that reproduce the adapter's RoPE, or ``None`` when llama.cpp has no such flag."""
     info = ROPE_TYPES[ext.rope_type]
-    if info.llama_cpp is None:
+    if info.llama_cpp is None or any(ext.rope_parameters.get(k) is not None for k in info.llama_cpp_ignored):
         return None
     flags = [f"--rope-scaling {info.llama_cpp}", f"--rope-scale {fmt_factor(ext.scaling_factor)}"]
     if info.needs_original_window:
