@@ -152,6 +152,14 @@ def test_batched_generation_with_left_padding_matches_single_rows():
     assert torch.equal(together[1, 7:], model.generate(b, **kwargs)[0, 4:])
 
 
+def test_beam_search_with_the_latent_cache_equals_recomputation():
+    model = mla_model(kv_rank=12, rope_dims=4).eval()
+    perturb(model)
+    prompt = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(8))
+    kwargs = dict(max_new_tokens=8, do_sample=False, num_beams=3, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
+
+
 def test_static_cache_is_refused():
     from transformers import StaticCache
 
@@ -234,6 +242,8 @@ def test_two_norm_selection_uses_calibration_data_and_is_saved(tmp_path, ids):
         initialize_mla_weights(model, [])
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     pairs = initialize_mla_weights(model, batches)
+    as_dicts = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches]
+    assert torch.equal(initialize_mla_weights(model, as_dicts, max_batches=3), pairs)
     # independent computation on the original model: mean pair norms of q and k, product, summed over the group
     base = tiny_model("llama")
     expected = []
