@@ -188,6 +188,12 @@ def main(argv=None) -> int:
         f"steps x {cfg.finetune_batch} rows at L (MLA arms) or 4L = {T} (PI arms); passkey {len(cfg.passkey_depths)} "
         f"depths x {cfg.passkey_trials} keys per length; levels (kv_rank, rope_dims) = {levels}, 2-norm selection."
     )
+    if args.variations:
+        header += (
+            f" Variations: `mla-exact` keeps every rotary dim with a full-rank latent (kv_rank {exact[0]}, rope_dims "
+            f"{exact[1]}), no training; `-ft-4x-steps`: {4 * cfg.finetune_steps} fine-tuning steps; `-high-ft`: "
+            "rope_selection 'high' (the fastest rotations) instead of '2-norm'."
+        )
     print(header)
     print(md)
     payload = {"config": asdict(cfg), "levels": levels, "pretrain": info, "timings": timings, "results": results}
