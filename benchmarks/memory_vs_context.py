@@ -178,7 +178,7 @@ def report(runs: list[dict[str, Any]], summary: dict[str, Any], info: dict[str, 
     for n in names:
         kwargs = next(r["loss_kwargs"] for r in runs if r["label"] == n)
         text = f"as (b), with `fused_causal_lm_loss(**{kwargs})`: a variant, not the defaults"
-        text = CONFIG_HELP[n] if n == "plain" or (n == "pi_peft" and not kwargs) else text
+        text = CONFIG_HELP[n] if n in ("plain", "trl") or (n == "pi_peft" and not kwargs) else text
         lines.append(f"- {label[n]}: {text}")
     for metric in METRICS:
         lines += ["", f"{METRIC_HELP[metric]} (MiB):", ""]

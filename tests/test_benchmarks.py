@@ -74,6 +74,7 @@ def test_memory_vs_context_report_has_every_table(mvc, capsys):
                "(b) pi_peft", "(c) trl SFTTrainer", "(b) / (c)"]  # fmt: skip
     for needle in needles:
         assert needle in text
+    assert f"- (c) trl SFTTrainer: {_common.CONFIG_HELP['trl']}" in text  # described as what it is, not as (b)
 
 
 def test_fit_growth_tells_linear_from_quadratic():
