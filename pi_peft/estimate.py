@@ -420,8 +420,8 @@ def training_flops(
     """FLOPs of one LoRA training step, an estimate of its time (`dense`, `attention`, `lm_head`, `total`).
 
     Dense layers (frozen, so no weight gradient; LoRA's own matmuls are left out): 2 FLOPs per weight and token
-    forward, 2 for the input gradient, 2 more for the recomputation with gradient checkpointing; the LM head forward
-    and input gradient. Attention: 2 matmuls
+    forward, 2 for the input gradient, 2 more for the recomputation with gradient checkpointing; the LM head 3 x 2 (its
+    chunked losses recompute each chunk in the backward). Attention: 2 matmuls
     (QK^T, PV) of 2 FLOPs per query-key pair and query channel forward, 5 in FlashAttention's backward (QK^T again, dV,
     dP, dQ, dK), 2 more recomputed; the pairs of [`causal_attention_pairs`], so S²-Attn (`s2_group_size_ratio`)
     divides the attention term by about T / G. Memory does not change with S²: SDPA and FlashAttention are O(T)
@@ -435,5 +435,5 @@ def training_flops(
     matmuls = 9 if gradient_checkpointing else 7
     pairs = causal_attention_pairs(context_length, s2_group_size_ratio)
     attention = matmuls * 2 * s["q"] * s["n"] * batch_size * pairs
-    lm_head = 2 * 2 * tokens * s["h"] * s["V"]
+    lm_head = 3 * 2 * tokens * s["h"] * s["V"]
     return dict(dense=dense, attention=attention, lm_head=lm_head, total=dense + attention + lm_head)
