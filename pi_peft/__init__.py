@@ -33,8 +33,9 @@ def _install() -> None:
 
     from .config import PIConfig
     from .hub import install_push_to_hub
-    from .mla import MLAConfig, MLAModel
     from .mla.config import PEFT_TYPE_NAME as MLA_PEFT_TYPE_NAME
+    from .mla.config import MLAConfig
+    from .mla.model import MLAModel
     from .model import PIModel
 
     _registration.register(PIConfig, PIModel)
@@ -64,6 +65,8 @@ _registration.call_when_imported("trl.trainer.sft_trainer", _install_trl)
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
+
+        import peft  # noqa: F401  (registration runs now, not from inside the half-imported module below)
 
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value

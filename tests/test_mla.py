@@ -392,3 +392,16 @@ def test_adapter_for_another_base_is_refused(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"`rope_pairs` has shape \(2, 2, 2\) but this model needs .* = \(3, 2, 2\)"):
         PeftModel.from_pretrained(tiny_model("llama", num_hidden_layers=3), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import pi_peft; print(pi_peft.MLAConfig(kv_rank=8, rope_dims=4).peft_type)",
+        "from pi_peft.mla import MLAConfig; print(MLAConfig(kv_rank=8, rope_dims=4).peft_type)",
+    ],
+)
+def test_mla_is_usable_as_the_first_import_of_a_fresh_process(code):
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("PeftType.MLA")

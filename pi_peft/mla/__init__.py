@@ -1,6 +1,8 @@
 """MHA2MLA (Ji et al. 2025, https://arxiv.org/abs/2502.14837) as a peft method: multi-head latent attention with a
 compressed KV cache, partial RoPE, LoRA on the other layers and optional Position Interpolation on the kept dims."""
 
+import peft  # noqa: F401  (first: pi_peft registers MLA when peft loads, before this package's modules run)
+
 from .cache import MLACache
 from .config import MLAConfig
 from .layer import MLAAttention, joint_svd, max_kv_rank
