@@ -314,6 +314,7 @@ def s2_attention(
 def _full_attention(module, query, key, value, attention_mask, dropout, scaling, base, docs, **kwargs):
     """The model's normal (full causal) attention, for calls of an S² model outside training (e.g. `generate` while
     `model.training`): the 2D padding mask and packed documents become the 4D mask SDPA takes."""
+    kwargs.pop("is_causal", None)  # causal: S² wraps decoder attention only
     if base in FLASH_BASES:
         from transformers.integrations.flash_attention import get_target_dtype
         from transformers.modeling_flash_attention_utils import (
@@ -338,7 +339,7 @@ def _full_attention(module, query, key, value, attention_mask, dropout, scaling,
         return out, None
     q_len, kv_len = query.shape[2], key.shape[2]
     mask = None
-    if attention_mask is not None or docs is not None:
+    if attention_mask is not None or docs is not None or 1 < q_len < kv_len:  # (q_len < kv_len: a cache)
         q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
         kv_pos = torch.arange(kv_len, device=query.device)
         mask = (kv_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, q, kv) causal
@@ -347,7 +348,6 @@ def _full_attention(module, query, key, value, attention_mask, dropout, scaling,
         if docs is not None:
             mask = mask & (docs[:, None, -q_len:, None] == docs[:, None, None, :])
         mask = mask | (q_pos[:, None] == kv_pos[None, :])[None, None]  # a padding query sees itself: no NaN rows
-    kwargs.pop("is_causal", None)
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -494,3 +494,17 @@ def test_sft_trainer_trains_with_s2_and_evaluates_with_full_attention(tmp_path, 
     trainer.save_model(str(tmp_path / "final"))
     saved = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
     assert saved["s2_attn"] is True and saved["s2_group_size_ratio"] == 0.25
+
+
+def test_fallback_with_a_cache_is_full_causal_attention():
+    """Outside training the registered function is the model's own attention, also for a chunk of queries after a
+    cache (keys longer than queries)."""
+    q, k, v = qkv("gqa", 24, batch=1)
+    module = torch.nn.Module().eval()
+    module.is_causal, module.num_key_value_groups = True, 2
+    forward = AttentionInterface._global_mapping[s2_attn.s2_implementation_name("sdpa", 0.25)]
+    out, _ = forward(module, q[:, :, -5:], k, v, None, scaling=8**-0.5)  # the last 5 queries, all 24 keys
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    mask = torch.ones(24, 24, dtype=torch.bool).tril()[-5:]
+    want = torch.softmax((q[:, :, -5:] @ kk.transpose(-1, -2) * 8**-0.5).masked_fill(~mask, float("-inf")), -1) @ vv
+    torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=0)
