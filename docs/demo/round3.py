@@ -67,7 +67,7 @@ def run(args) -> None:
     base, info = demo.pretrained_base(cfg, data, rng, args.cache_dir)
     common = {"theta": cfg.rope_theta, "pretrain_s": info["pretrain_s"], "pretrain_final_loss": info["final_loss"]}
     for arm in ("extrapolation", "pi"):
-        if ("-", arm) in done:
+        if ("-", arm) in done or args.no_base_eval:
             continue
         torch.manual_seed(cfg.seed + 1)
         timings = {}
@@ -155,6 +155,7 @@ def main() -> None:
     p.add_argument("--out", default="docs/demo/round3")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--passkey-max", default="L,4L", help="fine-tuning passkey documents up to L, 4L or both")
+    p.add_argument("--no-base-eval", action="store_true", help="skip extrapolation / pi (e.g. in a demo run)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a DemoConfig field")
     p.add_argument("--cache-dir", default=demo.default_cache_dir())
     p = sub.add_parser("report")
