@@ -56,7 +56,7 @@ TARGET_ATTENTION_SPEEDUP = 3.0  # at the largest context
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="tokens T per row")
+    p.add_argument("--contexts", type=int, nargs="+", default=None, help="tokens T per row (default 2k-16k)")
     p.add_argument("--ratio", type=float, default=0.25, help="s2_group_size_ratio")
     p.add_argument("--parts", nargs="+", default=["attention", "step"], choices=["attention", "step"])
     p.add_argument("--attn-reps", type=int, default=3, help="timed forward+backward repetitions of the attention")
@@ -200,7 +200,7 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 # ---- main ---------------------------------------------------------------------------------------------------------
 def run(args) -> dict[str, Any]:
-    contexts = [256, 512] if args.smoke else args.contexts
+    contexts = args.contexts or ([256, 512] if args.smoke else [2048, 4096, 8192, 16384])
     runs = []
     for part in args.parts:
         for i, T in enumerate(contexts):

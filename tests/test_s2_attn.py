@@ -429,7 +429,20 @@ def test_benchmark_smoke(tmp_path):
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "s2_attention.py")
     out = tmp_path / "s2.json"
-    cmd = [sys.executable, script, "--smoke", "--threads", "1", "--attn-reps", "1", "--steps", "1", "--json-out", out]
+    cmd = [
+        sys.executable,
+        script,
+        "--smoke",
+        "--contexts",
+        "256",
+        "--threads",
+        "1",
+        "--attn-reps",
+        "1",
+        "--steps",
+        "1",
+    ]
+    cmd += ["--json-out", out]
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     payload = json.loads(out.read_text())
