@@ -521,3 +521,16 @@ def test_fallback_with_a_cache_is_full_causal_attention():
     mask = torch.ones(24, 24, dtype=torch.bool).tril()[-5:]
     want = torch.softmax((q[:, :, -5:] @ kk.transpose(-1, -2) * 8**-0.5).masked_fill(~mask, float("-inf")), -1) @ vv
     torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=0)
+
+
+def test_eager_model_trains_with_s2_on_sdpa_and_evaluates_eagerly():
+    model = s2_model(attn_implementation="eager")
+    inner = model.base_model.model
+    model.train()
+    assert inner.config._attn_implementation == s2_attn.s2_implementation_name("eager", 0.25)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(8))
+    got = model(input_ids=ids).logits
+    inner.set_attn_implementation(register_reference(0.25))
+    torch.testing.assert_close(got, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+    model.eval()
+    assert inner.config._attn_implementation == "eager"
