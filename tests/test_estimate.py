@@ -73,6 +73,7 @@ def test_every_recipe_states_the_estimators_peak(capsys):
         assert path.split("/")[-1] in table
 
 
+@pytest.mark.slow  # two fresh training processes at 8k and 16k: ~2 min on a shared 2-core machine
 def test_estimate_matches_measured_cpu_peak_rss():
     """Peak RSS of fp32 LoRA steps in a subprocess vs the formula (quantization="none", 4-byte activations)."""
     kwargs = dict(quantization="none", r=8, dtype_bytes=4, device="cpu", loss="chunked", loss_chunk_tokens=1024)
