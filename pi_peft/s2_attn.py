@@ -23,8 +23,10 @@ call runs on the block layout, so the work per layer is O(T * G) instead of O(T^
   (LongLoRA's flash path), through transformers' `_flash_attention_forward`.
 
 `PIModel` switches a model to the registered implementation (`pi_s2_<base>_<ratio>`) only while the model is training
-with an S² adapter enabled; `eval()`, `disable_adapter()`, `unload()` and `merge_and_unload()` restore the model's own
-implementation, so inference, generation and exports use full attention.
+with an S² adapter enabled; `eval()`, `generate()`, `disable_adapter()`, `unload()` and `merge_and_unload()` restore
+the model's own implementation, so inference, generation and exports use full attention. Called outside training
+anyway (an attention module in eval mode, a query chunk after a cache), the registered function itself computes full
+causal attention.
 """
 
 from __future__ import annotations
