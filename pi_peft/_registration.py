@@ -153,13 +153,52 @@ class _WhenImported(importlib.abc.MetaPathFinder):
         self.callback()
 
 
+_deferred: list[Callable[[], None]] = []
+
+
+def _inside_pi_peft_import() -> bool:
+    """Whether a pi_peft submodule is being executed right now (its names may not exist yet)."""
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if name.startswith("pi_peft.")
+    )
+
+
+def _run(callback: Callable[[], None]) -> None:
+    """Run ``callback``; if it needs a pi_peft module that is still half-imported (peft was first imported from the
+    top of that module), run it again from :func:`retry_deferred` at the end of that module instead."""
+    try:
+        callback()
+    except ImportError:
+        if not _inside_pi_peft_import():
+            raise
+        _deferred.append(callback)
+
+
+def retry_deferred() -> None:
+    """Run the callbacks deferred by :func:`_run`; called as the last line of every pi_peft module that imports peft
+    or trl at its top (the innermost one finishing first, the outermost one last)."""
+    while _deferred:
+        callback = _deferred.pop(0)  # taken out first: the callback's own imports may call this function again
+        try:
+            callback()
+        except ImportError:
+            if _inside_pi_peft_import():
+                _deferred.insert(0, callback)
+                return  # an outer pi_peft module is still half-imported; its own last line retries
+            raise
+
+
 def call_when_imported(name: str, callback: Callable[[], None]) -> None:
     """Call ``callback`` now if module ``name`` is imported, else right after its first import (at most once).
 
     This is how ``import pi_peft`` registers with peft without importing peft (and torch) itself: ``pi-peft --help``
     stays instant, and any later ``import peft`` (directly or through transformers/trl) registers the method first.
+    When that first import comes from the top of a pi_peft module (``from pi_peft.config import PIConfig`` as a
+    program's first line), the callback waits for the end of that module (:func:`retry_deferred`).
     """
     if name in sys.modules:
-        callback()
+        _run(callback)
     elif not any(isinstance(f, _WhenImported) and f.name == name for f in sys.meta_path):
-        sys.meta_path.insert(0, _WhenImported(name, callback))
+        sys.meta_path.insert(0, _WhenImported(name, lambda: _run(callback)))

@@ -212,3 +212,6 @@ class PIConfig(LoraConfig):
         return {
             k: getattr(self, k) for k in ROPE_TYPES[self.rope_type].extra_parameters if getattr(self, k) is not None
         }
+
+
+_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now

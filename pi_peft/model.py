@@ -6,7 +6,7 @@ from typing import Optional
 from peft.tuners.lora import LoraModel
 from torch import nn
 
-from . import s2_attn
+from . import _registration, s2_attn
 from .config import PIConfig
 from .rope import (
     ROPE_TYPES,
@@ -220,3 +220,6 @@ class PIModel(LoraModel):
             if name not in names:
                 names.append(name)
         return names or None
+
+
+_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now

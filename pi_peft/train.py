@@ -34,6 +34,7 @@ import torch
 from transformers import TrainerCallback
 from trl import ModelConfig, ScriptArguments, SFTConfig
 
+from . import _registration
 from .loading import check_model_path
 from .utils import refuse_to_overwrite_inputs
 
@@ -357,3 +358,6 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     trainer.end()  # as trl's sft.py: finish the trackers and the process group
     return trainer
+
+
+_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now

@@ -342,3 +342,21 @@ def test_pi_peft_train_arguments_use_current_checkpointing_names():
         warnings.simplefilter("error", FutureWarning)
         script, training, model, pi = parse_train_args(["--model_name_or_path", "x", "--use_cpu", "--bf16", "false"])
     assert training.activation_checkpointing and training.activation_checkpointing_kwargs == {"use_reentrant": False}
+
+
+@pytest.mark.parametrize(
+    "first_line",
+    ["from pi_peft.config import PIConfig", "from pi_peft.model import PIModel", "from pi_peft.train import main"],
+)
+def test_any_pi_peft_module_as_the_first_import_registers(first_line):
+    code = textwrap.dedent(
+        f"""
+        {first_line}
+        from peft import PeftModel, PeftType
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as configs
+        print(configs[PeftType.PI].__name__, configs[PeftType.MLA].__name__, PeftModel.push_to_hub._pi_peft)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["PIConfig", "MLAConfig", "True"]

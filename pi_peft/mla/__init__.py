@@ -3,6 +3,7 @@ compressed KV cache, partial RoPE, LoRA on the other layers and optional Positio
 
 import peft  # noqa: F401  (first: pi_peft registers MLA when peft loads, before this package's modules run)
 
+from .. import _registration
 from .cache import MLACache
 from .config import MLAConfig
 from .layer import MLAAttention, joint_svd, max_kv_rank
@@ -19,3 +20,6 @@ __all__ = [
     "joint_svd",
     "max_kv_rank",
 ]
+
+
+_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now

@@ -5,6 +5,7 @@ from typing import Optional
 
 from peft.utils.peft_types import PeftType
 
+from .. import _registration
 from ..config import PIConfig
 from .selection import ROPE_SELECTIONS
 
@@ -100,3 +101,6 @@ class MLAConfig(PIConfig):
             raise TypeError(
                 f"`rope_pairs` must be a list [layer][kv_head][pair] or None, got {type(self.rope_pairs)}."
             )
+
+
+_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now

@@ -29,6 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .. import _registration
 from .cache import check_cache_layer
 from .selection import nope_dims, pair_dims
 
@@ -276,3 +277,6 @@ def _eager_of(attn: nn.Module):
     if fn is None:
         from transformers.models.llama.modeling_llama import eager_attention_forward as fn
     return fn
+
+
+_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import _registration
 from ..model import PIModel
 from ..rope import model_rope_config
 from .cache import MLACache
@@ -268,3 +269,6 @@ def initialize_mla_weights(model: nn.Module, calibration_data, max_batches: Opti
         layer.init_from_base(pairs[i])
     config.rope_pairs = pairs.tolist()
     return pairs
+
+
+_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now
