@@ -234,6 +234,7 @@ def part_nofinetune(args) -> dict:
     ends = [max(args.lengths) + 2000 + 10_000 * t for t in range(args.trials)]
     keys = [random_key(rng) for _ in range(args.trials)]
     max_new = len(tokenizer(" " + keys[0], add_special_tokens=False)["input_ids"]) + 1
+    settings = nofinetune_settings(args, ends)
     rows = []
     partial = args.work_dir / "nofinetune.partial.json"
     if args.resume and partial.exists():  # keep the cells an interrupted run finished
@@ -268,7 +269,7 @@ def part_nofinetune(args) -> dict:
                     f"nofinetune {method} L={length} trial={trial}: nll {row['nll']:.3f} answer {answer!r} "
                     f"({'ok' if row['correct'] else 'wrong'}, key {key}) {row['seconds']} s"
                 )
-                save_json(args.work_dir / "nofinetune.partial.json", {"rows": rows})
+                save_json(args.work_dir / "nofinetune.partial.json", {"rows": rows, "settings": settings})
     timing = {m: round(sum(r["seconds"] for r in rows if r["method"] == m), 1) for m in args.methods}
     if args.dynamic_equals_base and "dynamic" in args.methods and "base" in args.methods:
         for row in [r for r in rows if r["method"] == "base" and r["length"] <= ORIGINAL_WINDOW]:
@@ -276,16 +277,20 @@ def part_nofinetune(args) -> dict:
     return dict(
         rows=rows,
         wall_seconds_by_method=timing,
-        settings=dict(
-            lengths=args.lengths,
-            trials=args.trials,
-            depth=args.depth,
-            scored_tokens=args.scored,
-            haystack_ends=ends,
-            dtype="float32",
-            threads=args.threads,
-            dynamic_equals_base=args.dynamic_equals_base,
-        ),
+        settings=settings,
+    )
+
+
+def nofinetune_settings(args, ends: list[int]) -> dict:
+    return dict(
+        lengths=args.lengths,
+        trials=args.trials,
+        depth=args.depth,
+        scored_tokens=args.scored,
+        haystack_ends=ends,
+        dtype="float32",
+        threads=args.threads,
+        dynamic_equals_base=args.dynamic_equals_base,
     )
 
 
@@ -598,6 +603,33 @@ def part_llama_cpp(args) -> dict:
 
 
 # ---- part 4: lm-eval RULER niah ---------------------------------------------------------------------------------
+NIAH_MODELS = ("trained", "yarn", "base")
+NIAH_MODEL_TEXT = {
+    "trained": "PI s=2 adapter of part 2 (QLoRA, trained)",
+    "yarn": "YaRN s=2 adapter (PIConfig, LoRA B = 0, untrained)",
+    "base": "base model, no adapter",
+}
+
+
+def niah_adapter(args, name: str, folder: Path):
+    """The adapter folder lm-eval loads for ``name`` (``None``: the base model alone)."""
+    if name == "base":
+        return None
+    if name == "trained":
+        adapter = args.work_dir / "adapter"
+        if not (adapter / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{adapter}: run part `train` first (--parts train,lm_eval)")
+        return adapter
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    adapter = args.work_dir / "adapter-yarn"
+    if not (adapter / "adapter_config.json").exists():
+        model = apply_method(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), "yarn")
+        model.save_pretrained(adapter)
+    return adapter
+
+
 def part_lm_eval(args) -> dict:
     import lm_eval
     import torch
@@ -606,43 +638,56 @@ def part_lm_eval(args) -> dict:
     import pi_peft  # noqa: F401  - registers the PI method: lm-eval's HFLM(peft=...) can then load the adapter
 
     folder = base_folder(args)
-    adapter = args.work_dir / "adapter"
-    if not (adapter / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{adapter}: run part `train` first (--parts train,lm_eval)")
-    start = time.perf_counter()
-    lm = HFLM(pretrained=str(folder), peft=str(adapter), dtype=torch.float32, batch_size=1, max_length=16384)
-    load = time.perf_counter() - start
-    rope = dict(lm.model.get_base_model().config.rope_parameters)
-    rows = []
-    for length in args.niah_lengths:
+    previous = args.work_dir / "lm_eval.json"
+    old = json.loads(previous.read_text()) if previous.exists() else {"rows": [], "rope_parameters": {}}
+    rows = [r for r in old["rows"] if r.get("model", "trained") not in args.niah_models]  # keep other models' rows
+    rope = old["rope_parameters"]
+    rope = {"trained": rope} if "rope_type" in rope else rope  # a file written before several models were run
+    for name in args.niah_models:
+        adapter = niah_adapter(args, name, folder)
         start = time.perf_counter()
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=["niah_single_1"],
-            limit=args.niah_samples,
-            metadata={"pretrained": str(folder), "max_seq_lengths": [length]},
-            gen_kwargs={"max_gen_toks": 16},
-            log_samples=True,
-            random_seed=0,
+        lm = HFLM(
+            pretrained=str(folder),
+            peft=None if adapter is None else str(adapter),
+            dtype=torch.float32,
+            batch_size=1,
+            max_length=16384,
+            device="cpu",
         )
-        task = out["results"]["niah_single_1"]
-        score = next(v for k, v in task.items() if k.startswith(f"{length},"))
-        samples = out["samples"]["niah_single_1"]
-        rows.append(
-            dict(
-                length=length,
-                score=score,
-                samples=len(samples),
-                answers=[(s["target"], s["filtered_resps"][0]) for s in samples],
-                seconds=round(time.perf_counter() - start, 1),
+        load = time.perf_counter() - start
+        config = lm.model.get_base_model().config if adapter is not None else lm.model.config
+        rope[name] = dict(config.rope_parameters)
+        for length in args.niah_lengths:
+            start = time.perf_counter()
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=["niah_single_1"],
+                limit=args.niah_samples,
+                metadata={"pretrained": str(folder), "max_seq_lengths": [length]},
+                gen_kwargs={"max_gen_toks": 16},
+                log_samples=True,
+                random_seed=0,
             )
-        )
-        log(f"lm_eval niah_single_1 @ {length}: {score} ({len(samples)} samples) {rows[-1]['seconds']} s")
+            task = out["results"]["niah_single_1"]
+            score = next(v for k, v in task.items() if k.startswith(f"{length},"))
+            samples = out["samples"]["niah_single_1"]
+            rows.append(
+                dict(
+                    model=name,
+                    length=length,
+                    score=score,
+                    samples=len(samples),
+                    answers=[(s["target"], s["filtered_resps"][0]) for s in samples],
+                    seconds=round(time.perf_counter() - start, 1),
+                    load_seconds=round(load, 1),
+                )
+            )
+            log(f"lm_eval niah_single_1 {name} @ {length}: {score} ({len(samples)} samples) {rows[-1]['seconds']} s")
+        del lm
     return dict(
         task="niah_single_1",
-        model="HFLM(pretrained=<base folder>, peft=<PI adapter>) after `import pi_peft`",
+        model="HFLM(pretrained=<base folder>, peft=<PI adapter>, device='cpu') after `import pi_peft`",
         rope_parameters=rope,
-        load_seconds=round(load, 1),
         rows=rows,
         settings=dict(samples=args.niah_samples, max_gen_toks=16, dtype="float32"),
     )
@@ -653,14 +698,26 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def load_parts(work_dir: Path) -> dict:
+def load_parts(work_dir: Path, args=None) -> dict:
     parts = {}
     for name in PARTS:
         path = work_dir / f"{name}.json"
         if path.exists():
             parts[name] = json.loads(path.read_text())
         elif name == "nofinetune" and (work_dir / "nofinetune.partial.json").exists():
-            parts[name] = {**json.loads((work_dir / "nofinetune.partial.json").read_text()), "partial": True}
+            partial = json.loads((work_dir / "nofinetune.partial.json").read_text())
+            if "settings" not in partial and args is not None:  # written by a run before settings were saved
+                partial["settings"] = nofinetune_settings(
+                    args, [max(args.lengths) + 2000 + 10_000 * t for t in range(args.trials)]
+                )
+            has_dynamic = any(r["method"] == "dynamic" for r in partial["rows"])
+            if partial["settings"].get("dynamic_equals_base") and has_dynamic:
+                partial["rows"] += [
+                    {**r, "method": "dynamic", "seconds": 0.0, "copied_from_base": True}
+                    for r in partial["rows"]
+                    if r["method"] == "base" and r["length"] <= ORIGINAL_WINDOW
+                ]
+            parts[name] = {**partial, "partial": True}
     return parts
 
 
@@ -748,13 +805,16 @@ def report_markdown(parts: dict) -> str:
         out += [
             f"## 4. lm-eval RULER `{le['task']}` on the PI adapter",
             "",
-            f"`{le['model']}`; `rope_parameters` as loaded: {le['rope_parameters']}.",
+            f"`{le['model']}`; `rope_parameters` as loaded: {le['rope_parameters']}. Greedy, 16 new tokens.",
             "",
-            "| length | score | samples | wall time |",
-            "|---|---|---|---|",
+            "| model | length | score | samples | answers (target -> generated) | wall time |",
+            "|---|---|---|---|---|---|",
         ]
         for r in le["rows"]:
-            out.append(f"| {r['length']} | {r['score']:.2f} | {r['samples']} | {fmt_time(r['seconds'])} |")
+            answers = "; ".join(f"{t[0] if isinstance(t, list) else t} -> {g.strip()!r}" for t, g in r["answers"])
+            name = NIAH_MODEL_TEXT[r.get("model", "trained")]
+            cells = [name, r["length"], f"{r['score']:.2f}", r["samples"], answers, fmt_time(r["seconds"])]
+            out.append("| " + " | ".join(str(c) for c in cells) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -787,7 +847,7 @@ def plot(parts: dict, path: Path) -> None:
 
 
 def write_report(args) -> None:
-    parts = load_parts(args.work_dir)
+    parts = load_parts(args.work_dir, args)
     if not parts:
         return
     dest = args.work_dir if args.quick else args.results
@@ -851,7 +911,8 @@ def parse_args(argv=None):
     p.add_argument("--agree-length", type=int, default=ORIGINAL_WINDOW + 64, help="tokens fed to llama.cpp")
     p.add_argument("--agree-positions", type=int, default=4, help="last positions whose logits are compared")
     p.add_argument("--niah-lengths", type=int, nargs="+", default=[2048, 4096])
-    p.add_argument("--niah-samples", type=int, default=4)
+    p.add_argument("--niah-samples", type=int, default=2)
+    p.add_argument("--niah-models", nargs="+", default=list(NIAH_MODELS), choices=NIAH_MODELS)
     p.add_argument(
         "--agree-control",
         action=argparse.BooleanOptionalAction,
