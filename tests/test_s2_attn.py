@@ -534,3 +534,17 @@ def test_eager_model_trains_with_s2_on_sdpa_and_evaluates_eagerly():
     torch.testing.assert_close(got, model(input_ids=ids).logits, atol=1e-5, rtol=0)
     model.eval()
     assert inner.config._attn_implementation == "eager"
+
+
+def test_estimate_cli_prints_s2_compute(capsys):
+    from pi_peft.cli import main
+    from pi_peft.estimate import training_flops
+
+    argv = ["estimate", "meta-llama/Llama-2-7b-hf", "--context-length", "32768", "--s2-group-size-ratio", "0.25"]
+    assert main([*argv, "--json"]) == 0
+    flops = json.loads(capsys.readouterr().out)["flops"]
+    assert flops["full"] == training_flops("meta-llama/Llama-2-7b-hf", 32768)
+    assert flops["s2"] == training_flops("meta-llama/Llama-2-7b-hf", 32768, s2_group_size_ratio=0.25)
+    assert flops["s2"]["attention"] < flops["full"]["attention"] / 3 and flops["s2"]["dense"] == flops["full"]["dense"]
+    assert main(argv) == 0 and "S²-Attn ratio 0.25" in capsys.readouterr().out
+    assert main([*argv[:-1], "1.5"]) == 2

@@ -14,6 +14,7 @@ from ..estimate import (
     load_model_config,
     max_context,
     recipes_table,
+    training_flops,
 )
 from ..estimate import __doc__ as _ESTIMATE_DOC
 
@@ -35,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-tokens", type=int, default=None, help="tokens per MLP tile (default: automatic)")
     p.add_argument("--lora-dropout", type=float, default=0.0,
                    help="LoRA dropout; > 0 keeps a dropped copy of each LoRA input (train default: 0.05)")  # fmt: skip
+    p.add_argument(
+        "--s2-group-size-ratio",
+        type=float,
+        default=None,
+        help="S²-Attn block ratio (e.g. 0.25): also print one step's FLOPs with full attention vs S² (memory is the "
+        "same either way)",
+    )
     p.add_argument("--recipes", nargs="+", metavar="YAML", help="print a markdown table for these recipe files")
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     return p
@@ -63,8 +71,25 @@ def cli_main(argv: list[str]) -> int:
     config = load_model_config(args.model)
     est = estimate_memory(config, args.context_length, **kwargs)
     largest = max_context(config, args.gpu_gb, **kwargs)
+    flops = None
+    if args.s2_group_size_ratio is not None:
+        if not 0 < args.s2_group_size_ratio <= 1:
+            raise ValueError(f"`--s2-group-size-ratio` must be in (0, 1], got {args.s2_group_size_ratio}.")
+        flops = {
+            name: training_flops(config, args.context_length, batch_size=args.batch_size, s2_group_size_ratio=ratio)
+            for name, ratio in (("full", None), ("s2", args.s2_group_size_ratio))
+        }
     if args.json:
-        print(json.dumps({**est.as_dict(), "gpu_gb": args.gpu_gb, "max_context": largest}, indent=2))
-    else:
-        print(format_estimate(est, args.gpu_gb, largest))
+        extra = {"flops": flops} if flops else {}
+        print(json.dumps({**est.as_dict(), "gpu_gb": args.gpu_gb, "max_context": largest, **extra}, indent=2))
+        return 0
+    print(format_estimate(est, args.gpu_gb, largest))
+    if flops:
+        full, s2 = flops["full"], flops["s2"]
+        print(
+            f"\nCompute of one training step (FLOP count, an estimate of time): full attention "
+            f"{full['total'] / 1e12:,.1f} TFLOP (attention {full['attention'] / full['total']:.0%}); S²-Attn ratio "
+            f"{args.s2_group_size_ratio:g}: {s2['total'] / 1e12:,.1f} TFLOP, {full['total'] / s2['total']:.2f}x "
+            "fewer. Peak memory is the same (SDPA/FlashAttention are O(T) either way)."
+        )
     return 0
