@@ -63,7 +63,7 @@ def test_truncated_safetensors(share, tmp_path):
     file = folder / "adapter_model.safetensors"
     data = file.read_bytes()
     file.write_bytes(data[: len(data) - 100])
-    with pytest.raises(ValueError, match=r"`adapter_model.safetensors` at .* is truncated or corrupt \(.*not fully covered"):
+    with pytest.raises(ValueError, match=r"`adapter_model.safetensors` .* corrupt \(.*not fully covered"):
         load_adapter(folder, share["base"])
 
 
