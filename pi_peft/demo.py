@@ -21,7 +21,7 @@
 
 Usage::
 
-    pi-peft demo                # about 12 minutes on 2 CPU cores with the base cached; the first run pretrains too
+    pi-peft demo                # ~14 min on one free core with the base cached (estimate); the first run pretrains
     pi-peft demo --quick        # about a minute, a smoke test of the whole pipeline that claims nothing
 """
 
