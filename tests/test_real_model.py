@@ -275,3 +275,12 @@ def test_llama_cpp_ignores_yarn_attn_factor(smol_folder, llama_cpp_src, tmp_path
     default = bench.llama_cpp_logits(tmp_path / "base.gguf", ids, 1, threads=1, **yarn)
     custom = bench.llama_cpp_logits(tmp_path / "base.gguf", ids, 1, threads=1, yarn_attn_factor=1.3, **yarn)
     assert bench.compare(default, custom)["max_abs_diff"] == 0.0
+
+
+def test_cli_gguf_to_hf_reports_a_bad_file_in_one_line(tmp_path, capsys):
+    from pi_peft.cli import main
+
+    assert main(["gguf-to-hf", str(tmp_path / "missing.gguf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pi-peft gguf-to-hf: error: `gguf_file`=") and "does not exist" in err
+    assert not (tmp_path / "out").exists()
