@@ -258,12 +258,18 @@ def resolve_resume(resume_from_checkpoint, output_dir: str) -> Optional[str]:
 
 def save_adapter(trainer, output_dir: str) -> None:
     """Save the final adapter (+ tokenizer) into `output_dir`, complete or absent: written to a temporary directory
-    first, then moved in, `adapter_config.json` last."""
+    first, then moved in, `adapter_config.json` last. Safetensors only: the Trainer's pickled `training_args.bin`
+    is replaced by `training_args.json` (tokens masked by transformers)."""
     tmp = os.path.join(output_dir, f".tmp-final-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(tmp)
     if not trainer.accelerator.is_main_process:
         return
+    pickled = os.path.join(tmp, "training_args.bin")
+    if os.path.exists(pickled):
+        os.remove(pickled)
+        with open(os.path.join(tmp, "training_args.json"), "w", encoding="utf-8") as f:
+            f.write(trainer.args.to_json_string())
     names = sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json")
     for name in names:
         os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))

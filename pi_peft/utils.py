@@ -13,6 +13,17 @@ from typing import Any, Union
 PathLike = Union[str, os.PathLike]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: PathLike, directory: bool) -> None:
+    """`mkstemp`/`mkdtemp` create 0600/0700 entries; give the result the mode a plain `open`/`mkdir` would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[str]:
     """Yield a temporary file name next to ``path``; it replaces ``path`` only if the block succeeds."""
@@ -20,6 +31,7 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
     os.close(fd)
+    _usual_mode(tmp, directory=False)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -62,6 +74,7 @@ def atomic_output_dir(output: PathLike, overwrite: bool = False) -> Iterator[Pat
         raise ValueError(f"`output`={str(output)!r} already exists; choose a new folder or pass `--overwrite`.")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    _usual_mode(tmp, directory=True)
     try:
         yield tmp
     except BaseException:

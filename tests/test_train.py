@@ -54,6 +54,8 @@ def _check_saved_adapter(output_dir):
     assert any("embed_tokens" in k for k in weights) and any("norm" in k for k in weights)  # LongLoRA extras
     assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)  # trained away from B = 0
     assert not [n for n in os.listdir(output_dir) if n.startswith(".tmp")]
+    assert not [n for n in os.listdir(output_dir) if n.endswith((".bin", ".pt", ".pth", ".pkl"))]  # no pickle
+    assert json.load(open(os.path.join(output_dir, "training_args.json")))["max_length"] == 128
 
 
 def test_train_lora_end_to_end_and_load_back_with_pi(assets, tmp_path):
