@@ -21,7 +21,7 @@
 
 Usage::
 
-    pi-peft demo                # ~14 min on one free core with the base cached (estimate); the first run pretrains
+    pi-peft demo                # ~16 min on one quiet thread with the base cached; the first run also pretrains
     pi-peft demo --quick        # about a minute, a smoke test of the whole pipeline that claims nothing
 """
 
