@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Optional
@@ -235,7 +234,3 @@ def set_rope_parameters(model: nn.Module, rope_parameters: dict, max_position_em
 def effective_context_length(original_context_length: int, scaling_factor: float) -> int:
     """``L' = s * L``, rounded to the nearest token."""
     return int(round(original_context_length * scaling_factor))
-
-
-def is_close_factor(a: float, b: float) -> bool:
-    return math.isclose(float(a), float(b), rel_tol=1e-6)

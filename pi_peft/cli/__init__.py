@@ -29,10 +29,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, 
 files and Hub failures are OSErrors (huggingface_hub's errors included), a missing extra is an ImportError."""
 
 
-class UserError(ValueError):
-    """Raised by a subcommand for a mistake in its arguments; printed as one line, exit code 2."""
-
-
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1 (a bad value is argparse's usage error, exit code 2)."""
     import argparse
