@@ -229,9 +229,9 @@ def test_train_options_are_derived_from_piconfig():
 
     assert {f.name for f in pi_config_fields()} <= set(PIArguments.__dataclass_fields__)
     argv = ["--model_name_or_path", "x", "--context_length", "256", "--rope_type", "yarn", "--beta_fast", "16"]
-    argv += ["--use_cpu", "--bf16", "false"]
+    argv += ["--use_cpu", "--bf16", "false", "--no-train-norms", "--learning-rate=1e-4"]  # dashed and negated forms
     script, training, model, pi = parse_train_args(argv)
-    assert (pi.rope_type, pi.beta_fast) == ("yarn", 16.0)
+    assert (pi.rope_type, pi.beta_fast, pi.train_norms, training.learning_rate) == ("yarn", 16.0, False, 1e-4)
     config = make_pi_config(model, pi, type("C", (), {"max_position_embeddings": L})())
     assert (config.rope_type, config.beta_fast, config.scaling_factor) == ("yarn", 16.0, 4.0)
 

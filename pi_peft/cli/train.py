@@ -65,9 +65,10 @@ def parse_train_args(argv: list[str] | None = None):
     known = {a.dest for a in parser._actions} | {"env"}
     if "--config" in argv:
         _check_recipe(argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None, known)
-    unknown = [a for a in argv if a.startswith("--") and a[2:].split("=")[0] not in known | {"config"}]
+    flags = {flag for action in parser._actions for flag in action.option_strings} | {"--config"}
+    unknown = [a for a in argv if a.startswith("--") and a.split("=")[0] not in flags]
     if unknown:
-        name = unknown[0][2:].split("=")[0]
+        name = unknown[0][2:].split("=")[0].replace("-", "_")
         raise ValueError(f"unknown option `{unknown[0]}`{_did_you_mean(name, known)}; see `pi-peft train --help-all`.")
     pi_args, script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     return script_args, training_args, model_args, pi_args
