@@ -26,3 +26,21 @@ def make_tiny_llama(path: str) -> str:
 def make_jsonl(path: str, n_docs: int = 12, words_per_doc: int = 150, seed: int = 1) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return write_jsonl(({"text": t} for t in documents(n_docs, words_per_doc, seed)), path)
+
+
+def tiny_sft_trainer(tmp_path, tokenizer, peft_config, train_dataset, *, eval_dataset=None, **sft_args):
+    """trl's `SFTTrainer` on a fresh tiny Llama sized to `tokenizer`, on CPU, no logging or saving; `sft_args`
+    override `SFTConfig` (e.g. `max_steps`, `max_length`, `packing`)."""
+    from trl import SFTConfig, SFTTrainer
+
+    from pi_peft.tiny import tiny_model
+
+    defaults = dict(per_device_train_batch_size=2, use_cpu=True, bf16=False, report_to="none", save_strategy="no")
+    return SFTTrainer(
+        model=tiny_model("llama", vocab_size=len(tokenizer)),
+        args=SFTConfig(output_dir=str(tmp_path), **{**defaults, **sft_args}),
+        processing_class=tokenizer,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=peft_config,
+    )

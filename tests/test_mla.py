@@ -292,28 +292,12 @@ def test_only_mla_and_lora_weights_train():
 
 
 def test_sft_trainer_with_mla_config(tmp_path, tiny_tokenizer):
+    from _train_helpers import tiny_sft_trainer
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
 
-    vocab = len(tiny_tokenizer)
-    dataset = Dataset.from_dict({"input_ids": torch.randint(3, vocab, (8, 2 * L)).tolist()})
-    args = SFTConfig(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        use_cpu=True,
-        bf16=False,
-        max_length=2 * L,
-        report_to="none",
-        save_strategy="no",
-    )
-    trainer = SFTTrainer(
-        model=tiny_model("llama", vocab_size=vocab),
-        args=args,
-        processing_class=tiny_tokenizer,
-        train_dataset=dataset,
-        peft_config=MLAConfig(kv_rank=16, rope_dims=4, context_length=2 * L),
-    )
+    dataset = Dataset.from_dict({"input_ids": torch.randint(3, len(tiny_tokenizer), (8, 2 * L)).tolist()})
+    config = MLAConfig(kv_rank=16, rope_dims=4, context_length=2 * L)
+    trainer = tiny_sft_trainer(tmp_path, tiny_tokenizer, config, dataset, max_steps=2, max_length=2 * L)
     assert isinstance(trainer.model.base_model, MLAModel)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".mla_" in n}
     trainer.train()

@@ -189,29 +189,13 @@ def test_two_adapters_switch_rope(long_input):
 
 
 def test_sft_trainer_with_pi_config(tmp_path, tiny_tokenizer):
+    from _train_helpers import tiny_sft_trainer
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
 
-    vocab = len(tiny_tokenizer)
-    ids = torch.randint(3, vocab, (8, 3 * L)).tolist()
-    dataset = Dataset.from_dict({"input_ids": ids})
-    args = SFTConfig(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        use_cpu=True,
-        bf16=False,
-        max_length=3 * L,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-    )
-    trainer = SFTTrainer(
-        model=tiny_model("llama", vocab_size=vocab),
-        args=args,
-        processing_class=tiny_tokenizer,
-        train_dataset=dataset,
-        peft_config=PIConfig(context_length=4 * L, target_modules="all-linear", train_norms=True),
+    dataset = Dataset.from_dict({"input_ids": torch.randint(3, len(tiny_tokenizer), (8, 3 * L)).tolist()})
+    config = PIConfig(context_length=4 * L, target_modules="all-linear", train_norms=True)
+    trainer = tiny_sft_trainer(
+        tmp_path, tiny_tokenizer, config, dataset, max_steps=2, max_length=3 * L, logging_steps=1
     )
     assert isinstance(trainer.model.base_model, PIModel)
     assert trainer.model.config.rope_parameters["factor"] == 4.0

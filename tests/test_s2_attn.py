@@ -459,8 +459,8 @@ def test_benchmark_smoke(tmp_path):
 def test_sft_trainer_trains_with_s2_and_evaluates_with_full_attention(tmp_path, tiny_tokenizer):
     """trl's SFTTrainer with packed rows (position_ids restarting): S² in the training steps, full attention in the
     evaluation steps in between, the setting saved with the adapter."""
+    from _train_helpers import tiny_sft_trainer
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
 
     vocab = len(tiny_tokenizer)
     g = torch.Generator().manual_seed(0)
@@ -476,27 +476,18 @@ def test_sft_trainer_trains_with_s2_and_evaluates_with_full_attention(tmp_path, 
         positions = kwargs.get("position_ids")
         packed.append(positions is not None and bool((positions[:, 1:] == 0).any()))
 
-    args = SFTConfig(
-        output_dir=str(tmp_path),
+    trainer = tiny_sft_trainer(
+        tmp_path,
+        tiny_tokenizer,
+        pi_peft.PIConfig(context_length=192, target_modules="all-linear", s2_attn=True),
+        Dataset.from_dict({"input_ids": docs[:20]}),
+        eval_dataset=Dataset.from_dict({"input_ids": docs[20:]}),
         max_steps=3,
-        per_device_train_batch_size=2,
         per_device_eval_batch_size=2,
         eval_strategy="steps",
         eval_steps=2,
-        use_cpu=True,
-        bf16=False,
         max_length=192,
         packing=True,
-        report_to="none",
-        save_strategy="no",
-    )
-    trainer = SFTTrainer(
-        model=tiny_model("llama", vocab_size=vocab),
-        args=args,
-        processing_class=tiny_tokenizer,
-        train_dataset=Dataset.from_dict({"input_ids": docs[:20]}),
-        eval_dataset=Dataset.from_dict({"input_ids": docs[20:]}),
-        peft_config=pi_peft.PIConfig(context_length=192, target_modules="all-linear", s2_attn=True),
     )
     attention = next(m for n, m in trainer.model.named_modules() if n.endswith("layers.0.self_attn"))
     attention.register_forward_pre_hook(spy, with_kwargs=True)
