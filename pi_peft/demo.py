@@ -17,7 +17,7 @@
 4. Evaluate: perplexity (sliding window) at ``L``, ``2L``, ``4L`` on held-out files; passkey accuracy on a grid of
    lengths x needle depths, and ``k_max``; the paper's claims checked on these numbers. Prints the table and writes
    into ``--output-dir``: ``demo.json`` (settings, timings, every number), ``demo.md`` (the tables), and the
-   evaluation files of :mod:`pi_peft.evaluation.cli` (``ppl.json/.md/.png``, ``passkey.json/.md/.png``).
+   evaluation files of :mod:`pi_peft.cli.eval` (``ppl.json/.md/.png``, ``passkey.json/.md/.png``).
 
 Usage::
 
@@ -64,6 +64,7 @@ class DemoConfig:
     num_attention_heads: int = 4
     rope_theta: float = 10000.0  # Llama 2's (round 3 of docs/demo/EXPERIMENTS.md: 500 hides PI's result)
     vocab_size: int = 1024
+    split_digits: bool = True  # one token per digit; False lets BPE merge digits (round 4 of EXPERIMENTS.md)
     corpus_chars: int = 3_000_000
     heldout_every: int = 10  # every 10th file is held out for perplexity
     pretrain_steps: int = 3000
@@ -355,7 +356,7 @@ def prepare_data(cfg: DemoConfig, rng: random.Random) -> dict:
     # the tokenizer sees the pretraining mix: code plus passkey prompts in the same share of characters
     n_samples = int(cfg.passkey_fraction * sum(map(len, train_texts)) / 600)
     samples = [build_prompt(random_key(rng), rng.randint(0, 20), rng.randint(0, 20)) for _ in range(n_samples)]
-    tokenizer = train_tokenizer(train_texts + samples, vocab_size=cfg.vocab_size)
+    tokenizer = train_tokenizer(train_texts + samples, vocab_size=cfg.vocab_size, split_digits=cfg.split_digits)
 
     def stream_of(docs):
         return [t for ids in tokenizer(docs)["input_ids"] for t in ids + [tokenizer.eos_token_id]]
@@ -422,6 +423,8 @@ def base_cache_key(cfg: DemoConfig, tokenizer) -> str:
     """A hash of everything the pretrained base depends on: the pretraining fields and the tokenizer (trained on
     this machine's stdlib sources), plus :data:`CACHE_FORMAT`."""
     settings = {k: getattr(cfg, k) for k in PRETRAIN_FIELDS}
+    if not cfg.split_digits:  # only when off, so that the default's existing cached bases keep their keys
+        settings["split_digits"] = False
     payload = json.dumps({"format": CACHE_FORMAT, "settings": settings}, sort_keys=True)
     payload += tokenizer.backend_tokenizer.to_str()
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
