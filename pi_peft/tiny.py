@@ -41,15 +41,23 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, path: str | os.PathLike | None = None):
-    """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, path: str | os.PathLike | None = None, split_digits: bool = True
+):
+    """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
+
+    ``split_digits=True`` gives one token per digit (a 5-digit passkey is always 5 tokens); ``False`` lets BPE merge
+    runs of digits like GPT-2's byte-level BPE does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )  # one token per digit, so a 5-digit passkey is always 5 tokens
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -160,3 +160,49 @@ def test_full_finetuning_arms_are_plain_models_with_the_arm_rope():
     assert torch.equal(direct.model.rotary_emb.inv_freq, base.model.rotary_emb.inv_freq)
     with pytest.raises(ValueError, match="`arms` contains 'nope'"):
         demo.arm_model(base, cfg, "nope")
+
+
+def test_split_digits_off_merges_digits_and_changes_the_cache_key():
+    """``split_digits=False`` (round 4) lets BPE merge digit runs; the base cache key tells the two apart."""
+    from pi_peft.tiny import train_tokenizer
+
+    rng = random.Random(0)
+    texts = [f"The pass key is {rng.randint(10000, 99999)}. Remember it." for _ in range(400)]
+    split = train_tokenizer(texts, vocab_size=400)
+    merged = train_tokenizer(texts, vocab_size=400, split_digits=False)
+    assert len(split(" 12345")["input_ids"]) == 6  # " " + one token per digit
+    assert len(merged(" 12345")["input_ids"]) < 6
+    assert merged.decode(merged(" 12345")["input_ids"]) == " 12345"
+    cfg = DemoConfig()
+    assert demo.base_cache_key(cfg, split) != demo.base_cache_key(replace(cfg, split_digits=False), split)
+
+
+def test_passkey_answers_are_not_cut_when_keys_tokenize_unequally():
+    """With merged digits, keys differ in token count; every answer gets room for its longest key."""
+    from pi_peft.evaluation.passkey import evaluate_passkey, random_key
+    from pi_peft.tiny import train_tokenizer
+
+    first_key = random_key(random.Random(0))  # the first key evaluate_passkey(seed=0) draws becomes one token
+    rng = random.Random(1)
+    texts = [f"The pass key is {rng.randint(10000, 99999)}. Remember it." for _ in range(400)]
+    tok = train_tokenizer(texts + [f"The pass key is {first_key}."] * 400, vocab_size=300, split_digits=False)
+
+    class Oracle(torch.nn.Module):  # answers the key it reads in the prompt
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            import re
+
+            rows = []
+            for ids in input_ids.tolist():
+                key = re.search(r"The pass key is (\d+)\.", tok.decode(ids)).group(1)
+                new = (tok(" " + key)["input_ids"] + [tok.eos_token_id] * max_new_tokens)[:max_new_tokens]
+                rows.append(ids + new)
+            return torch.tensor(rows)
+
+    result = evaluate_passkey(Oracle(), tok, [200], depths=[0.5], trials=12, batch_size=4, seed=0)
+    lengths = {len(tok(" " + r["key"])["input_ids"]) for r in result.records}
+    assert max(lengths) > len(tok(" " + first_key)["input_ids"]) + 1  # the case this guards
+    assert all(r["correct"] for r in result.records)

@@ -48,8 +48,8 @@ def summarize(result: dict) -> dict:
 
 
 def run(args) -> None:
-    torch.set_num_threads(1)
-    cfg = replace(demo.DemoConfig(), rope_theta=float(args.theta), threads=1)
+    torch.set_num_threads(args.threads)
+    cfg = replace(demo.DemoConfig(), rope_theta=float(args.theta), threads=args.threads)
     for item in args.set:
         name, _, value = item.partition("=")
         cfg = replace(cfg, **{name: type(getattr(cfg, name))(json.loads(value))})
@@ -155,6 +155,7 @@ def main() -> None:
     p.add_argument("--out", default="docs/demo/round3")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--passkey-max", default="L,4L", help="fine-tuning passkey documents up to L, 4L or both")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-base-eval", action="store_true", help="skip extrapolation / pi (e.g. in a demo run)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a DemoConfig field")
     p.add_argument("--cache-dir", default=demo.default_cache_dir())

@@ -170,7 +170,7 @@ def evaluate_passkey(
     for length, depth in progress(cells) if progress else cells:
         keys = [random_key(rng) for _ in range(trials)]
         prompts = [fit_prompt(tokenizer, key, length, depth) for key in keys]
-        max_new = token_length(tokenizer, " " + keys[0]) + 1
+        max_new = max(token_length(tokenizer, " " + key) for key in keys) + 1  # keys may tokenize unequally
         by_len: dict[int, list[int]] = {}
         for i, prompt in enumerate(prompts):
             by_len.setdefault(token_length(tokenizer, prompt), []).append(i)
