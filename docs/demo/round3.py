@@ -66,6 +66,7 @@ def run(args) -> None:
     data = demo.prepare_data(cfg, rng)
     base, info = demo.pretrained_base(cfg, data, rng, args.cache_dir)
     common = {"theta": cfg.rope_theta, "pretrain_s": info["pretrain_s"], "pretrain_final_loss": info["final_loss"]}
+    common["set"] = args.set  # the DemoConfig overrides of this run (round 4: vocab_size, split_digits)
     for arm in ("extrapolation", "pi"):
         if ("-", arm) in done or args.no_base_eval:
             continue
