@@ -2,7 +2,8 @@
 
 1. Corpus: Python's own standard library sources (on every machine), split by file into train / held-out text, plus
    passkey documents (the prompt of :mod:`pi_peft.evaluation.passkey` followed by its answer) mixed into
-   pretraining. A byte-level BPE tokenizer with one token per digit is trained on it.
+   pretraining. A byte-level BPE tokenizer (2048 tokens, digit runs merged: a 5-digit key is 3-5 tokens) is trained
+   on it.
 2. Pretrain a small Llama at a short window ``L`` with Llama 2's ``rope_theta`` (10000), or load it from the user's
    cache directory (``$XDG_CACHE_HOME/pi_peft/demo/<hash of the pretraining settings and tokenizer>``, written
    atomically; the first run pretrains, a re-run skips it).
@@ -11,9 +12,10 @@
    ``direct-ft`` (the same LoRA + embeddings + norms adapter with ``scaling_factor=1``, i.e. no PI, fine-tuned at
    ``4L``), ``pi-ft`` (PI + LoRA + embeddings + norms, fine-tuned at ``4L``: the product) and ``pi-full-ft`` (PI +
    full fine-tuning: the paper's setting). Every fine-tuning gets the same batches (``4L`` crops of the training
-   code; half of the rows start with a passkey document of at most ``L`` tokens, so that no model is taught to
-   retrieve past ``L``: the paper's question is whether retrieval generalises to ``4L``) and steps; passkey accuracy
-   at ``L``, ``2L``, ``4L`` is probed at a few steps (learning curves).
+   code; half of the rows start with a passkey document of up to ``4L`` tokens, the long-range dependencies that the
+   paper's long fine-tuning documents carry; ``finetune_passkey_max_tokens=L`` asks instead whether retrieval taught
+   only up to ``L`` generalises to ``4L``) and steps; passkey accuracy at ``L``, ``2L``, ``4L`` is probed at a few
+   steps (learning curves).
 4. Evaluate: perplexity (sliding window) at ``L``, ``2L``, ``4L`` on held-out files; passkey accuracy on a grid of
    lengths x needle depths, and ``k_max``; the paper's claims checked on these numbers. Prints the table and writes
    into ``--output-dir``: ``demo.json`` (settings, timings, every number), ``demo.md`` (the tables), and the
@@ -63,8 +65,8 @@ class DemoConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     rope_theta: float = 10000.0  # Llama 2's (round 3 of docs/demo/EXPERIMENTS.md: 500 hides PI's result)
-    vocab_size: int = 1024
-    split_digits: bool = True  # one token per digit; False lets BPE merge digits (round 4 of EXPERIMENTS.md)
+    vocab_size: int = 2048  # with merged digits: a 5-digit key is 3-5 tokens (round 4 of EXPERIMENTS.md)
+    split_digits: bool = False  # True: one token per digit, as Llama 2 (PI + FT then never copied: rounds 1-3)
     corpus_chars: int = 3_000_000
     heldout_every: int = 10  # every 10th file is held out for perplexity
     pretrain_steps: int = 3000
@@ -76,7 +78,9 @@ class DemoConfig:
     finetune_lr: float = 1e-3  # LoRA arms
     full_finetune_lr: float = 5e-4  # full fine-tuning arms
     finetune_passkey_fraction: float = 0.5  # rows of fine-tuning batches that start with a passkey document
-    finetune_passkey_max_tokens: int = 0  # 0: L (never teach retrieval past L); 4L teaches it directly
+    # longest passkey document in fine-tuning; None: 4L, so fine-tuning data spans the extended window as the paper's
+    # long documents do; L (128) asks the stricter question whether retrieval taught only up to L generalises to 4L
+    finetune_passkey_max_tokens: int | None = None
     lora_r: int = 16
     arms: tuple = DEMO_MODELS  # keys of ARMS, in table order
     curve_steps: tuple = (100, 200, 300)  # fine-tuning steps at which passkey at L, 2L, 4L is probed
@@ -96,6 +100,11 @@ class DemoConfig:
     @property
     def passkey_lengths(self) -> list[int]:
         return list(range(self.context_length, self.target_length + 1, self.passkey_step))
+
+
+def finetune_passkey_max(cfg: DemoConfig) -> int:
+    """Longest passkey document in fine-tuning batches, in tokens (``None``: the extended window, 4L)."""
+    return cfg.finetune_passkey_max_tokens or cfg.target_length
 
 
 QUICK = dict(
@@ -159,7 +168,7 @@ def make_batch(
     passkey_max: int,
 ):
     """``(batch, length)`` ids: random crops of ``stream``; a share of rows starts with a passkey document of at most
-    ``passkey_max`` tokens (the pretraining window, also when fine-tuning: no model is taught retrieval past L)."""
+    ``passkey_max`` tokens (L in pretraining; in fine-tuning :func:`finetune_passkey_max`)."""
     rows = []
     for _ in range(batch):
         row = passkey_document(tokenizer, rng, passkey_max) if rng.random() < passkey_fraction else []
@@ -265,7 +274,7 @@ def finetune_arm(cfg: DemoConfig, data: dict, model, name: str) -> tuple[list[fl
             cfg.finetune_batch,
             T,
             cfg.finetune_passkey_fraction,
-            cfg.finetune_passkey_max_tokens or L,
+            finetune_passkey_max(cfg),
         ),
         cfg.finetune_steps,
         cfg.full_finetune_lr if ARMS[name][1] == "full" else cfg.finetune_lr,
@@ -423,7 +432,7 @@ def base_cache_key(cfg: DemoConfig, tokenizer) -> str:
     """A hash of everything the pretrained base depends on: the pretraining fields and the tokenizer (trained on
     this machine's stdlib sources), plus :data:`CACHE_FORMAT`."""
     settings = {k: getattr(cfg, k) for k in PRETRAIN_FIELDS}
-    if not cfg.split_digits:  # only when off, so that the default's existing cached bases keep their keys
+    if not cfg.split_digits:  # only when off, so that bases cached before the option existed keep their keys
         settings["split_digits"] = False
     payload = json.dumps({"format": CACHE_FORMAT, "settings": settings}, sort_keys=True)
     payload += tokenizer.backend_tokenizer.to_str()
@@ -554,7 +563,7 @@ def run_demo(cfg: DemoConfig, output_dir: str, cache_dir: str | None = "auto") -
     markdown = (
         f"Pretrained at L={L} (rope_theta {cfg.rope_theta:g}, {n_params / 1e6:.2f}M parameters, {cfg.pretrain_steps} "
         f"steps), extended to {T} ({cfg.finetune_steps} fine-tuning steps each for {', '.join(tuned)}; passkey "
-        f"documents in fine-tuning up to {cfg.finetune_passkey_max_tokens or L} tokens). "
+        f"documents in fine-tuning up to {finetune_passkey_max(cfg)} tokens). "
         f"Wall time {timings['total']:.0f} s on {torch.get_num_threads()} threads ({pre}).\n\n"
         f"{demo_table(results, cfg)}\n\n{depth_table(results, cfg)}\n\n{curve_table(curves, cfg)}\n\n{claim_text}"
     )

@@ -173,8 +173,16 @@ def test_split_digits_off_merges_digits_and_changes_the_cache_key():
     assert len(split(" 12345")["input_ids"]) == 6  # " " + one token per digit
     assert len(merged(" 12345")["input_ids"]) < 6
     assert merged.decode(merged(" 12345")["input_ids"]) == " 12345"
-    cfg = DemoConfig()
+    cfg = DemoConfig(split_digits=True)
     assert demo.base_cache_key(cfg, split) != demo.base_cache_key(replace(cfg, split_digits=False), split)
+
+
+def test_finetune_passkey_documents_span_the_extended_window_by_default():
+    """Round 4: the default fine-tuning data has passkey documents up to 4L; L is the stricter variant."""
+    cfg = DemoConfig()
+    assert (cfg.split_digits, cfg.vocab_size) == (False, 2048)
+    assert demo.finetune_passkey_max(cfg) == cfg.target_length == 4 * cfg.context_length
+    assert demo.finetune_passkey_max(replace(cfg, finetune_passkey_max_tokens=cfg.context_length)) == 128
 
 
 def test_passkey_answers_are_not_cut_when_keys_tokenize_unequally():

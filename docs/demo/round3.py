@@ -103,6 +103,7 @@ def demo_records(path: str) -> list[dict]:
     with open(path) as f:
         summary = json.load(f)
     cfg, timings = summary["settings"], summary["timings_s"]
+    # 0 meant L in demo runs before round 4's defaults; None means 4L
     pk_max = "L" if cfg["finetune_passkey_max_tokens"] in (0, cfg["context_length"]) else "4L"
     common = {"theta": cfg["rope_theta"], "pretrain_s": summary["pretrain_s_when_trained"], "source": "demo.json"}
     records = []
