@@ -289,6 +289,72 @@ def test_only_mla_and_lora_weights_train():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= trainable
     assert any(".mla_k_up." in n for n in changed) and any("lora_B" in n for n in changed)
+    # LoRA inside the wrapped attention trains too (q_proj, o_proj), not only the MLP's
+    for proj in ("q_proj", "o_proj"):
+        assert any(f"self_attn.base_layer.{proj}.lora_B" in n for n in changed), proj
+    assert not any(".base_layer.weight" in n or "norm" in n or "embed" in n for n in trainable)
+
+
+# ---- full fine-tuning (full_finetune=True) -----------------------------------------------------------------------
+def test_full_finetune_trains_every_weight_but_the_replaced_kv_and_saves_them(tmp_path, tiny_checkpoint, ids):
+    from transformers import AutoModelForCausalLM
+
+    config = MLAConfig(kv_rank=12, rope_dims=4, full_finetune=True)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".k_proj." in n or ".v_proj." in n for n in frozen)  # replaced by the latent: unused
+    assert any("embed_tokens" in n for n in trainable) and any("q_proj.base_layer.weight" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    batch = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(9))
+    model(batch, labels=batch).loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    for part in ("embed_tokens", "q_proj.base_layer", "mlp.down_proj.base_layer", "input_layernorm", "lm_head"):
+        assert any(part in n for n in changed), part
+    assert changed <= trainable
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.embed_tokens.weight" in saved and "base_model.model.lm_head.weight" in saved
+    assert not any(".k_proj." in k or ".v_proj." in k for k in saved)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["full_finetune"] is True
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    original_embeddings = fresh.model.embed_tokens.weight.detach().clone()
+    loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    torch.testing.assert_close(logits(loaded, ids), expected)
+    trained_embeddings = model.get_base_model().model.embed_tokens.weight
+    assert torch.equal(loaded.get_base_model().model.embed_tokens.weight, trained_embeddings)  # the trained weights
+    assert not torch.equal(original_embeddings, trained_embeddings)  # came back, not the fresh ones
+    assert not any(p.requires_grad for p in loaded.parameters())  # inference mode: nothing trains
+    again = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_checkpoint), tmp_path, is_trainable=True
+    )
+    assert {n for n, p in again.named_parameters() if p.requires_grad} == trainable
+
+
+def test_default_adapter_file_holds_only_mla_and_lora_weights(tmp_path):
+    model = mla_model(kv_rank=12, rope_dims=4)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and all(".mla_" in k or ".lora_" in k for k in saved)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(full_finetune="yes"), r"`full_finetune` must be True or False, got 'yes'"),
+        (dict(full_finetune=True, train_norms=True), r"`full_finetune=True` already trains .* drop train_norms"),
+        (
+            dict(full_finetune=True, modules_to_save=["lm_head"]),
+            r"drop modules_to_save=\['lm_head'\]",
+        ),
+    ],
+)
+def test_full_finetune_bad_combinations_fail_clearly(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        MLAConfig(kv_rank=8, rope_dims=4, **kwargs)
 
 
 def test_sft_trainer_with_mla_config(tmp_path, tiny_tokenizer):
@@ -361,8 +427,15 @@ def test_models_mla_cannot_convert_fail_clearly():
     with pytest.raises(ValueError, match=r"separate `q_proj`/`k_proj`/`v_proj`/`o_proj`.*fused projections"):
         get_peft_model(phi3, MLAConfig(kv_rank=8, rope_dims=4))
     qwen3 = AutoModelForCausalLM.from_config(Qwen3Config(**{**TINY_DIMS, "head_dim": 16}))
-    with pytest.raises(ValueError, match=r"normalises keys per head \(`k_norm`, e.g. Qwen3\)"):
+    qwen3.model.layers[1].self_attn.k_norm = torch.nn.LayerNorm(16)  # subtracts the mean: not an RMSNorm
+    with pytest.raises(ValueError, match=r"`model.layers.1.self_attn.k_norm` \(LayerNorm\) is not weight \* x / rms"):
         get_peft_model(qwen3, MLAConfig(kv_rank=8, rope_dims=4))
+    qwen3.model.layers[1].self_attn.k_norm = torch.nn.RMSNorm(8)
+    with pytest.raises(
+        ValueError, match=r"`model.layers.1.self_attn.k_norm` normalises 8 values, neither head_dim=16"
+    ):
+        get_peft_model(qwen3, MLAConfig(kv_rank=8, rope_dims=4))
+    assert not any(isinstance(m, MLAAttention) for m in qwen3.modules())  # refused before anything was replaced
 
 
 def test_merge_is_refused_with_the_reason():
@@ -389,3 +462,166 @@ def test_mla_is_usable_as_the_first_import_of_a_fresh_process(code):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("PeftType.MLA")
+
+
+# ---- models that RMS-normalise queries and keys before RoPE (Qwen3 per head, OLMo 2 over the projection) ---------
+def qk_norm_model(family="qwen3", seed=0, **overrides):
+    """A tiny Qwen3 or OLMo 2 with q_norm/k_norm weights moved away from 1 (so that the norm weights matter)."""
+    from transformers import AutoModelForCausalLM, Olmo2Config, Qwen3Config
+
+    dims = {**TINY_DIMS, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **overrides}
+    config = Qwen3Config(**dims, head_dim=HEAD_DIM) if family == "qwen3" else Olmo2Config(**dims)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+QK_NORM_CASES = {"qwen3": ("qwen3", {}), "qwen3-bias": ("qwen3", {"attention_bias": True}), "olmo2": ("olmo2", {})}
+
+
+@pytest.fixture
+def qwen3():
+    return qk_norm_model("qwen3")
+
+
+@pytest.mark.parametrize("case", list(QK_NORM_CASES))
+def test_key_norm_models_all_rotary_dims_and_full_rank_reproduce_the_original_logits(case, ids):
+    family, overrides = QK_NORM_CASES[case]
+    reference = logits(qk_norm_model(family, **overrides), ids)
+    model = get_peft_model(qk_norm_model(family, **overrides), MLAConfig(kv_rank=KV_HEADS * HEAD_DIM, rope_dims=16))
+    assert all(
+        m.k_norm_kind == ("head" if family == "qwen3" else "all")
+        for m in model.modules()
+        if isinstance(m, MLAAttention)
+    )
+    torch.testing.assert_close(logits(model, ids), reference, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(QK_NORM_CASES))
+@pytest.mark.parametrize("selection", ["high", "low"])
+def test_key_norm_partial_rope_at_full_rank_equals_the_original_with_dropped_pairs_unrotated(case, selection, ids):
+    """The no-RoPE keys are rebuilt from the latent and normalised with the rms of the whole raw key: with a full-rank
+    latent the converted model is exactly the original whose dropped pairs do not rotate (inv_freq = 0 there)."""
+    family, overrides = QK_NORM_CASES[case]
+    rope_dims, max_rank = 4, 2 * KV_HEADS * HEAD_DIM - KV_HEADS * 4  # 56: the stack's full rank
+    reference_model = qk_norm_model(family, **overrides)
+    kept = fixed_pairs(selection, HEAD_DIM, rope_dims, 1)[0]
+    inv_freq = reference_model.model.rotary_emb.inv_freq
+    dropped = torch.ones_like(inv_freq, dtype=torch.bool)
+    dropped[kept] = False
+    inv_freq[dropped] = 0.0  # cos 1, sin 0: those pairs no longer rotate
+    reference = logits(reference_model, ids)
+    assert (reference - logits(qk_norm_model(family, **overrides), ids)).abs().max() > 1e-2  # partial RoPE matters
+    config = MLAConfig(kv_rank=max_rank, rope_dims=rope_dims, rope_selection=selection)
+    model = get_peft_model(qk_norm_model(family, **overrides), config)
+    torch.testing.assert_close(logits(model, ids), reference, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+def test_key_norm_cache_holds_latent_rope_keys_and_one_scale_per_kv_head(family):
+    kv_rank, rope_dims = 8, 4
+    model = get_peft_model(qk_norm_model(family), MLAConfig(kv_rank=kv_rank, rope_dims=rope_dims)).eval()
+    prompt = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    cache, tokens = out.past_key_values, out.sequences.shape[1] - 1
+    for layer_idx, layer in enumerate(cache.layers):
+        per_token = sum(t.numel() for t in (layer.keys, layer.values)) // (2 * tokens)
+        assert per_token == cache.values_per_token(layer_idx) == kv_rank + KV_HEADS * (rope_dims + 1)  # 18
+        assert cache.rope_keys(layer_idx).shape == (2, KV_HEADS, tokens, rope_dims)
+        assert cache.key_scales(layer_idx).shape == (2, KV_HEADS, tokens, 1)
+    # layer 0 sees the embeddings, so its cached scales are 1/rms of the original raw keys (full-rank latent)
+    full = get_peft_model(qk_norm_model(family), MLAConfig(kv_rank=56, rope_dims=rope_dims)).eval()
+    cache = MLACache()
+    with torch.no_grad():
+        full(prompt, past_key_values=cache, use_cache=True)
+    base, caught = qk_norm_model(family), []
+    hook = base.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, i, o: caught.append(o))
+    with torch.no_grad():
+        base(prompt)
+    hook.remove()
+    raw = caught[0]  # (B, T, G*d): layer 0's raw keys of the original model
+    raw = raw.view(2, 10, KV_HEADS, HEAD_DIM).transpose(1, 2)  # (B, G, T, d)
+    eps = base.config.rms_norm_eps
+    if family == "qwen3":
+        expected = (raw.square().mean(-1, keepdim=True) + eps).rsqrt()  # per kv head
+    else:
+        expected = (raw.square().mean(dim=(1, 3), keepdim=True) + eps).rsqrt().expand(-1, KV_HEADS, -1, -1)
+    torch.testing.assert_close(cache.key_scales(0), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(QK_NORM_CASES))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_key_norm_greedy_with_the_latent_cache_equals_full_recomputation(case, attn):
+    family, overrides = QK_NORM_CASES[case]
+    config = MLAConfig(kv_rank=12, rope_dims=6, rope_selection="uniform")
+    model = get_peft_model(qk_norm_model(family, **overrides), config).eval()
+    perturb(model)
+    model.config._attn_implementation = attn
+    prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    cached = model.generate(prompt, **kwargs)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **kwargs))
+    seq = cached[:, :-1]
+    full = logits(model, seq)[:, -1]
+    for absorb in (True, False):  # absorbed decoding folds k_norm's weight into the query and scales per key
+        for m in model.modules():
+            if isinstance(m, MLAAttention):
+                m.absorb = absorb
+        cache = MLACache()
+        with torch.no_grad():
+            model(seq[:, :-1], past_key_values=cache, use_cache=True)
+            step = model(seq[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+
+
+def test_key_norm_model_save_then_fresh_process_gives_equal_logits(tmp_path, qwen3, ids):
+    from transformers import AutoModelForCausalLM
+
+    qwen3.save_pretrained(tmp_path / "base")  # the adapter records this folder as its base
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, MLAConfig(kv_rank=10, rope_dims=6, rope_selection="uniform", scaling_factor=2.0))
+    perturb(model)
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save({"ids": ids}, tmp_path / "ids.pt")
+    code = f"""
+        import torch, pi_peft
+        from peft import AutoPeftModelForCausalLM
+        model = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r}).eval()
+        ids = torch.load({str(tmp_path / "ids.pt")!r})["ids"]
+        with torch.no_grad():
+            torch.save(model(ids, use_cache=False).logits, {str(tmp_path / "out.pt")!r})
+        print(type(model.get_base_model()).__name__, type(model.base_model).__name__)
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Qwen3ForCausalLM MLAModel" in result.stdout
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected)
+
+
+def test_key_norm_two_norm_selection_scores_queries_and_keys_after_their_norms(qwen3):
+    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    model = get_peft_model(qwen3, MLAConfig(kv_rank=16, rope_dims=4, rope_selection="2-norm"))
+    pairs = initialize_mla_weights(model, batches)
+    base, expected = qk_norm_model("qwen3"), []
+    for layer in base.model.layers:
+        attn, states = layer.self_attn, {}
+        hooks = [
+            attn.q_norm.register_forward_hook(lambda m, i, o, s=states: s.setdefault("q", []).append(o)),
+            attn.k_norm.register_forward_hook(lambda m, i, o, s=states: s.setdefault("k", []).append(o)),
+        ]
+        with torch.no_grad():
+            for batch in batches:
+                base(batch)
+        for hook in hooks:
+            hook.remove()
+        q, k = torch.cat(states["q"]).view(-1, 4, HEAD_DIM), torch.cat(states["k"]).view(-1, KV_HEADS, HEAD_DIM)
+        qn = (q[..., :8] ** 2 + q[..., 8:] ** 2).sqrt().mean(0)  # (4, 8)
+        kn = (k[..., :8] ** 2 + k[..., 8:] ** 2).sqrt().mean(0)  # (2, 8)
+        expected.append((qn.view(2, 2, 8) * kn[:, None]).sum(1).topk(2).indices.sort().values)
+    assert torch.equal(pairs, torch.stack(expected))

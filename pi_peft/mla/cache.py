@@ -4,6 +4,8 @@
 
     keys   slot: the latent            (batch, 1, tokens, kv_rank)
     values slot: the rotated RoPE keys (batch, kv_heads, tokens, rope_dims)
+                 and, for models with a key norm (``k_norm``: Qwen3, OLMo 2), one more column per kv head: the
+                 token's ``1 / rms`` of the raw key         (batch, kv_heads, tokens, rope_dims + 1)
 
 so everything transformers does with a dynamic cache (``get_seq_length``, masks, beam reordering, cropping) works
 unchanged, and `MLAAttention` rebuilds the no-RoPE keys and the values from the latent when it attends.
@@ -22,6 +24,7 @@ class MLACache(DynamicCache):
     def __init__(self, *args, **kwargs):
         kwargs.pop("config", None)  # per-layer types (sliding windows) do not apply: the model's mask does that
         super().__init__(*args, **kwargs)
+        self.rope_dims: dict[int, int] = {}  # layer -> rope_dims, recorded by MLAAttention (the rest: key scales)
 
     def latent(self, layer_idx: int):
         """The cached latents of layer ``layer_idx``: ``(batch, tokens, kv_rank)``."""
@@ -29,10 +32,19 @@ class MLACache(DynamicCache):
 
     def rope_keys(self, layer_idx: int):
         """The cached rotated RoPE keys of layer ``layer_idx``: ``(batch, kv_heads, tokens, rope_dims)``."""
-        return self.layers[layer_idx].values
+        values = self.layers[layer_idx].values
+        return values[..., : self.rope_dims.get(layer_idx, values.shape[-1])]
+
+    def key_scales(self, layer_idx: int):
+        """The cached ``1 / rms`` of the raw keys of a ``k_norm`` model: ``(batch, kv_heads, tokens, 1)``, or
+        ``None`` for a model without a key norm."""
+        values = self.layers[layer_idx].values
+        r = self.rope_dims.get(layer_idx, values.shape[-1])
+        return values[..., r:] if values.shape[-1] > r else None
 
     def values_per_token(self, layer_idx: int) -> int:
-        """Cached numbers per token in layer ``layer_idx`` (``kv_rank + kv_heads * rope_dims``)."""
+        """Cached numbers per token in layer ``layer_idx``: ``kv_rank + kv_heads * rope_dims``, plus ``kv_heads`` for a
+        model with a key norm (``k_norm``)."""
         layer = self.layers[layer_idx]
         return layer.keys.shape[1] * layer.keys.shape[-1] + layer.values.shape[1] * layer.values.shape[-1]
 

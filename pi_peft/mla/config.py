@@ -28,7 +28,9 @@ class MLAConfig(PIConfig):
     Each layer's keys and values are rebuilt from one latent vector of `kv_rank` values per token (a joint SVD of the
     no-RoPE key rows and the value rows of `k_proj`/`v_proj`), plus `rope_dims` rotary key dimensions per key/value
     head that keep RoPE (partial RoPE). Generation caches only those: `kv_rank + kv_heads * rope_dims` values per token
-    and layer instead of `2 * kv_heads * head_dim`.
+    and layer instead of `2 * kv_heads * head_dim`. Models that RMS-normalise keys per head before RoPE (`k_norm`:
+    Qwen3; OLMo 2 over the whole projection) convert exactly too and cache one more value per kv head and token (the
+    token's `1 / rms`, which the no-RoPE keys rebuilt from the latent need): `kv_rank + kv_heads * (rope_dims + 1)`.
 
     Every [`PIConfig`] (and so [`~peft.LoraConfig`]) option works. Without `context_length`/`scaling_factor` the RoPE
     of the model is left as it is (`scaling_factor=1`); with them, PI rescales the kept rotary dimensions (the others
@@ -48,6 +50,15 @@ class MLAConfig(PIConfig):
         rope_pairs (`list`, *optional*):
             Filled in when the conversion is applied: the kept frequency-pair indices, `[layer][kv_head][pair]`. A
             saved adapter re-applies exactly these, so loading needs no calibration data.
+        full_finetune (`bool`, defaults to `False`):
+            Train every weight of the converted model, not only the MLA matrices and LoRA: the embeddings, `q_proj`/
+            `o_proj`, the MLP, the norms and the head, as MHA2MLA's own recipe does (the paper fine-tunes fully). All
+            of them are saved in `adapter_model.safetensors` (about the size of the model; `k_proj`/`v_proj`, unused
+            once converted, are left out) and loading re-applies them over a fresh base. The base weights are then
+            changed in place, so `disable_adapter()` / `unload()` no longer give the original model. Named like the
+            paper's setting rather than like `train_embeddings` / `train_norms`, which copy single modules through
+            peft's `modules_to_save`: this switch trains the base weights themselves (no second copy in memory), so
+            it excludes those fields and needs an unquantised (fp32/bf16/fp16) base.
     """
 
     kv_rank: Optional[int] = field(
@@ -65,6 +76,14 @@ class MLAConfig(PIConfig):
     rope_pairs: Optional[list] = field(
         default=None,
         metadata={"help": "Recorded when applied: kept frequency-pair indices per layer and kv head."},
+    )
+
+    full_finetune: bool = field(
+        default=False,
+        metadata={
+            "help": "Train every weight of the converted model (MHA2MLA's full fine-tuning), all saved in the adapter "
+            "file; excludes `train_embeddings`/`train_norms`/`modules_to_save`."
+        },
     )
 
     def __post_init__(self):
@@ -97,6 +116,17 @@ class MLAConfig(PIConfig):
             raise ValueError(f"`rope_selection` must be one of {list(ROPE_SELECTIONS)}, got {self.rope_selection!r}.")
         if self.use_dora:
             raise ValueError("`use_dora=True` is not supported with MLAConfig; use plain LoRA on the other layers.")
+        if not isinstance(self.full_finetune, bool):
+            raise TypeError(f"`full_finetune` must be True or False, got {self.full_finetune!r}.")
+        if self.full_finetune:
+            overlapping = [n for n in ("train_embeddings", "train_norms") if getattr(self, n)]
+            if self.modules_to_save:
+                overlapping.append(f"modules_to_save={list(self.modules_to_save)}")
+            if overlapping:
+                raise ValueError(
+                    f"`full_finetune=True` already trains and saves every weight; drop {', '.join(overlapping)} "
+                    "(they would keep a second, separately trained copy of those modules)."
+                )
         if self.rope_pairs is not None and not isinstance(self.rope_pairs, list):
             raise TypeError(
                 f"`rope_pairs` must be a list [layer][kv_head][pair] or None, got {type(self.rope_pairs)}."

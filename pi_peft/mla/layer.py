@@ -16,6 +16,14 @@ and all of ``W_v`` (`joint_svd`): with every rotary dim kept and a full-rank lat
 
 Decoding one token at a time uses DeepSeek's absorption instead of rebuilding keys and values of the whole cache:
 ``q_nop . (W_uk c) = (W_uk^T q_nop) . c`` and ``sum_s a_s W_uv c_s = W_uv (sum_s a_s c_s)``.
+
+Models that RMS-normalise queries and keys before RoPE (``q_norm``/``k_norm``: Qwen3 per head, OLMo 2 over the whole
+projection) stay exact: the query norm is applied as the model does, and the key norm ``w * k / rms(k)`` is split into
+what the latent cannot give and what it can. When a token is inserted, its raw no-RoPE key ``W_uk c`` is rebuilt from
+its latent, the rms is taken over the whole raw key ``[k_rope, k_nope]`` (per head, or over all heads for OLMo 2),
+the kept rotary part is normalised and rotated, and the per-token, per-kv-head factor ``s = 1 / rms`` is cached next
+to it; later, ``k_nop = w_nope * s * (W_uk c)``. Cost: one value per kv head and token
+(``kv_rank + kv_heads * (rope_dims + 1)``).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import _registration
-from .cache import check_cache_layer
+from .cache import MLACache, check_cache_layer
 from .selection import nope_dims, pair_dims
 
 MLA_LAYER_NAMES = ("mla_kv_down", "mla_k_rope", "mla_k_up", "mla_v_up")
@@ -72,6 +80,47 @@ def _per_head_table(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table[:, :, index].permute(0, 2, 1, 3)
 
 
+def norm_epsilon(norm: nn.Module) -> float:
+    """The epsilon of an RMSNorm module (transformers names it ``variance_epsilon`` or ``eps``)."""
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(norm, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    raise ValueError(f"{type(norm).__name__} has no `variance_epsilon`/`eps`: it is not an RMSNorm MLA can split.")
+
+
+def rms_scale(sum_sq: torch.Tensor, count: int, eps: float) -> torch.Tensor:
+    """RMSNorm's factor ``1 / sqrt(mean(x^2) + eps)`` from a sum of squares over ``count`` values (fp32)."""
+    return torch.rsqrt(sum_sq.float() / count + eps)
+
+
+def apply_key_scale(x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``weight * (x * scale)`` as transformers' RMSNorm computes it: ``x (B, G, S, k)``, ``scale (B, G, S, 1)``,
+    ``weight (G, k)`` -> ``(B, G, S, k)`` (product in fp32, rounded to ``x``'s dtype, then the weight)."""
+    return weight[None, :, None, :] * (x.float() * scale.float()).to(x.dtype)
+
+
+def check_rms_norm(norm: nn.Module, width: int, where: str) -> None:
+    """Refuse a key norm that is not ``weight * x * rsqrt(mean(x^2) + eps)`` over ``width`` values (on a probe)."""
+    weight = getattr(norm, "weight", None)
+    fix = (
+        "MLA keeps only a latent and the kept rotary keys, so it can split an RMSNorm (Qwen3, OLMo 2) exactly but "
+        "no other key normalisation; use a model with RMSNorm key norms or without key norms (Llama, Mistral, Qwen2)."
+    )
+    if not isinstance(weight, torch.Tensor) or weight.shape != (width,):
+        shape = None if not isinstance(weight, torch.Tensor) else tuple(weight.shape)
+        raise ValueError(f"{where} ({type(norm).__name__}) has weight shape {shape}, expected ({width},). {fix}")
+    eps = norm_epsilon(norm)
+    probe = torch.randn(3, width, generator=torch.Generator().manual_seed(0)).to(weight.device)
+    with torch.no_grad():
+        got = norm(probe.to(weight.dtype)).float()
+        want = weight.float() * probe * rms_scale(probe.square().sum(-1, keepdim=True), width, eps)
+    if not torch.allclose(got, want, atol=1e-2 if weight.dtype != torch.float32 else 1e-5, rtol=1e-2):
+        raise ValueError(
+            f"{where} ({type(norm).__name__}) is not weight * x / rms(x) (e.g. Gemma's 1 + weight). {fix}"
+        )
+
+
 class MLAAttention(nn.Module, BaseTunerLayer):
     """Wraps one attention module (``base_layer``: Llama/Mistral/Qwen2-style, separate q/k/v projections) and runs it
     as MLA while its adapter is active; disabled, it is the original attention. ``q_proj``/``o_proj`` stay inside
@@ -95,6 +144,10 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         self.num_kv_heads = config.num_key_value_heads
         self.kv_rank, self.rope_dims = kv_rank, rope_dims
         self.nope_dims = self.head_dim - rope_dims
+        # q_norm/k_norm (before RoPE): "head" normalises each head (Qwen3), "all" the whole projection (OLMo 2)
+        self.q_norm_kind = self._norm_kind(getattr(base_layer, "q_norm", None), self.num_heads)
+        self.k_norm_kind = self._norm_kind(getattr(base_layer, "k_norm", None), self.num_kv_heads)
+        self.scale_dims = 1 if self.k_norm_kind else 0  # cached per kv head and token next to the rope keys
         hidden = base_layer.q_proj.in_features
         k_proj, v_proj = base_layer.k_proj, base_layer.v_proj
         dtype = k_proj.weight.dtype
@@ -106,6 +159,19 @@ class MLAAttention(nn.Module, BaseTunerLayer):
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             self._make_layers(adapter_name, hidden, kv_rank, rope_dims, kv, bias, v_proj.bias is not None, factory)
         self.ready = False  # True once the kept pairs are known and the weights initialised (or loaded)
+
+    def _norm_kind(self, norm: Optional[nn.Module], heads: int) -> Optional[str]:
+        if norm is None:
+            return None
+        width = getattr(norm, "weight", torch.empty(0)).numel()
+        if width == self.head_dim:
+            return "head"
+        if width == heads * self.head_dim:
+            return "all"
+        raise ValueError(
+            f"{type(norm).__name__} of layer {self.base_layer.layer_idx} normalises {width} values, neither head_dim="
+            f"{self.head_dim} nor heads x head_dim={heads * self.head_dim}; MLA cannot split this query/key norm."
+        )
 
     def _make_layers(self, adapter_name, hidden, kv_rank, rope_dims, kv, bias, v_bias, factory) -> None:
         self.mla_kv_down = nn.ModuleDict({adapter_name: nn.Linear(hidden, kv_rank, bias=False, **factory)})
@@ -196,31 +262,43 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         kwargs.pop("cache_position", None)
 
         b, t, _ = hidden_states.shape
-        h, g, d, r = self.num_heads, self.num_kv_heads, self.head_dim, self.rope_dims
-        q = attn.q_proj(hidden_states).view(b, t, h, d).transpose(1, 2)  # (B, H, T, d)
+        h, g, d, r, n = self.num_heads, self.num_kv_heads, self.head_dim, self.rope_dims, self.nope_dims
+        q = self._queries(attn, hidden_states)  # (B, H, T, d), q_norm applied
         q_pe, q_nope = _gather_dims(q, self.q_rope_idx), _gather_dims(q, self.q_nope_idx)  # (B,H,T,r), (B,H,T,n)
         latent = self.mla_kv_down[name](hidden_states)  # (B, T, R)
         k_pe = self.mla_k_rope[name](hidden_states).view(b, t, g, r).transpose(1, 2)  # (B, G, T, r)
+        if self.k_norm_kind:  # normalise the rope keys now, with the rms of the whole raw key; cache 1/rms
+            k_nope_new = self.mla_k_up[name](latent).view(b, t, g, n).transpose(1, 2)  # (B, G, T, n) raw
+            scale = self._key_scale(k_pe, k_nope_new).to(k_pe.dtype)  # (B, G, T, 1)
+            w_rope, _ = self._key_norm_weights()
+            k_pe = apply_key_scale(k_pe, scale, w_rope)  # (B, G, T, r)
 
         cos, sin = position_embeddings  # (B, T, d) each, half-split layout
         cos_q, sin_q = _per_head_table(cos, self.q_rope_idx), _per_head_table(sin, self.q_rope_idx)  # (B, H, T, r)
         cos_k, sin_k = _per_head_table(cos, self.k_rope_idx), _per_head_table(sin, self.k_rope_idx)  # (B, G, T, r)
         q_pe = q_pe * cos_q + rotate_half(q_pe) * sin_q
         k_pe = k_pe * cos_k + rotate_half(k_pe) * sin_k
+        rope_slot = torch.cat([k_pe, scale], dim=-1) if self.k_norm_kind else k_pe  # (B, G, T, r + scale_dims)
 
         if cache is not None:
             check_cache_layer(cache, attn.layer_idx)
-            latent_all, k_pe_all = cache.update(latent[:, None], k_pe, attn.layer_idx)  # (B,1,S,R), (B,G,S,r)
+            if isinstance(cache, MLACache):
+                cache.rope_dims[attn.layer_idx] = r
+            latent_all, rope_all = cache.update(latent[:, None], rope_slot, attn.layer_idx)  # (B,1,S,R), (B,G,S,.)
             latent_all = latent_all[:, 0]  # (B, S, R)
         else:
-            latent_all, k_pe_all = latent, k_pe
+            latent_all, rope_all = latent, rope_slot
+        k_pe_all = rope_all[..., :r]  # (B, G, S, r)
+        scale_all = rope_all[..., r:] if self.k_norm_kind else None  # (B, G, S, 1) or None
 
         if self.absorb and t == 1 and cache is not None and not torch.is_grad_enabled():
-            out = self._absorbed_attention(q_pe, q_nope, latent_all, k_pe_all, attention_mask)  # (B, T, H*d)
-            return attn.o_proj(out), None
+            out = self._absorbed_attention(q_pe, q_nope, latent_all, k_pe_all, scale_all, attention_mask)
+            return attn.o_proj(out), None  # out (B, T, H*d)
 
         s = latent_all.shape[1]
-        k_nope = self.mla_k_up[name](latent_all).view(b, s, g, self.nope_dims).transpose(1, 2)  # (B, G, S, n)
+        k_nope = self.mla_k_up[name](latent_all).view(b, s, g, n).transpose(1, 2)  # (B, G, S, n)
+        if self.k_norm_kind:
+            k_nope = apply_key_scale(k_nope, scale_all, self._key_norm_weights()[1])  # (B, G, S, n)
         value = self.mla_v_up[name](latent_all).view(b, s, g, d).transpose(1, 2)  # (B, G, S, d)
         query = torch.cat([q_pe, q_nope], dim=-1)  # (B, H, T, d): dims reordered, dot products unchanged
         key = torch.cat([k_pe_all, k_nope], dim=-1)  # (B, G, S, d)
@@ -240,16 +318,55 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         )  # out (B, T, H, d)
         return attn.o_proj(out.reshape(b, t, h * d).contiguous()), weights
 
-    def _absorbed_attention(self, q_pe, q_nope, latent, k_pe, attention_mask) -> torch.Tensor:
-        """Attention straight on the cache, without rebuilding keys/values: ``-> (B, T, H*d)``."""
+    def _queries(self, attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``q_proj`` (and the model's own ``q_norm``, as it applies it): ``(B, T, D) -> (B, H, T, d)``."""
+        b, t, _ = hidden_states.shape
+        q = attn.q_proj(hidden_states)  # (B, T, H*d)
+        if self.q_norm_kind == "all":
+            q = attn.q_norm(q)
+        q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, H, d)
+        if self.q_norm_kind == "head":
+            q = attn.q_norm(q)
+        return q.transpose(1, 2)
+
+    def _key_scale(self, k_rope: torch.Tensor, k_nope: torch.Tensor) -> torch.Tensor:
+        """``1 / rms`` of the raw keys ``[k_rope (B, G, T, r), k_nope (B, G, T, n)]`` as ``k_norm`` takes it, per kv
+        head (``"head"``) or over all heads (``"all"``, repeated per head): ``-> (B, G, T, 1)`` fp32."""
+        sum_sq = k_rope.float().square().sum(-1, keepdim=True) + k_nope.float().square().sum(-1, keepdim=True)
+        count = self.head_dim  # (B, G, T, 1) sums over one head
+        if self.k_norm_kind == "all":
+            sum_sq = sum_sq.sum(1, keepdim=True).expand_as(sum_sq)  # (B, G, T, 1): one rms over all kv heads
+            count = self.num_kv_heads * self.head_dim
+        return rms_scale(sum_sq, count, norm_epsilon(self.base_layer.k_norm))
+
+    def _key_norm_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k_norm``'s weight at each kv head's kept rotary dims ``(G, r)`` and no-RoPE dims ``(G, n)``."""
+        weight = self.base_layer.k_norm.weight.view(-1, self.head_dim)  # (1 or G, d)
+        weight = weight.expand(self.num_kv_heads, self.head_dim)  # (G, d)
+        return weight.gather(1, self.k_rope_idx), weight.gather(1, self.k_nope_idx)
+
+    def _absorbed_attention(self, q_pe, q_nope, latent, k_pe, key_scale, attention_mask) -> torch.Tensor:
+        """Attention straight on the cache, without rebuilding keys/values: ``-> (B, T, H*d)``.
+
+        ``q_pe (B, H, T, r)``, ``q_nope (B, H, T, n)``, ``latent (B, S, R)``, ``k_pe (B, G, S, r)``,
+        ``key_scale (B, G, S, 1)`` (k_norm models; else ``None``)."""
         name, attn = self.adapter_name, self.base_layer
         b, h, t, _ = q_pe.shape
         g, d, n = self.num_kv_heads, self.head_dim, self.nope_dims
         grp = h // g
-        w_uk = self.mla_k_up[name].weight.view(g, n, self.kv_rank)  # (G, n, R); its bias shifts all scores equally
+        w_uk = self.mla_k_up[name].weight.view(g, n, self.kv_rank)  # (G, n, R)
         w_uv = self.mla_v_up[name].weight.view(g, d, self.kv_rank)  # (G, d, R)
-        q_lat = torch.einsum("bgktn,gnr->bgktr", q_nope.view(b, g, grp, t, n), w_uk)  # (B, G, g, T, R)
+        q_nope = q_nope.view(b, g, grp, t, n)  # (B, G, g, T, n)
+        if key_scale is not None:  # k_nop = w * s * (W_uk c + b): fold w into the query, s per key below
+            q_nope = q_nope * self._key_norm_weights()[1][None, :, None, None, :]
+        q_lat = torch.einsum("bgktn,gnr->bgktr", q_nope, w_uk)  # (B, G, g, T, R)
         scores = torch.einsum("bgktr,bsr->bgkts", q_lat, latent)  # (B, G, g, T, S)
+        if key_scale is not None:
+            bias = self.mla_k_up[name].bias
+            if bias is not None:  # the key bias is scaled per key now, so it no longer cancels in softmax
+                scores = scores + torch.einsum("bgktn,gn->bgkt", q_nope, bias.view(g, n))[..., None]
+            scores = scores * key_scale[:, :, None, None, :, 0]  # (B, G, 1, 1, S)
+        # without a key norm the key bias adds the same constant to every score of a query and cancels in softmax
         scores = scores + torch.einsum("bgktr,bgsr->bgkts", q_pe.view(b, g, grp, t, -1), k_pe)
         scores = scores.float() * attn.scaling
         if attention_mask is not None:

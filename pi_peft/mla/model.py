@@ -10,7 +10,7 @@ from ..model import PIModel
 from ..rope import model_rope_config
 from .cache import MLACache
 from .config import MLAConfig
-from .layer import MLAAttention, max_kv_rank
+from .layer import MLAAttention, check_rms_norm, max_kv_rank
 from .selection import fixed_pairs, pair_norms, top_pairs, two_norm_scores
 
 _KV_NAMES = ("k_proj", "v_proj")
@@ -37,6 +37,34 @@ def _fused_qkv_names(model: nn.Module) -> list[str]:
     ]
 
 
+def _unused_kv_names(model: nn.Module) -> tuple[str, ...]:
+    """Name prefixes of the ``k_proj``/``v_proj`` of attention that MLA replaces (never trained, never saved)."""
+    return tuple(
+        f"{n}.{'base_layer.' if isinstance(m, MLAAttention) else ''}{p}."
+        for n, m in attention_modules(model)
+        for p in _KV_NAMES
+    )
+
+
+def _check_qk_norms(name: str, attn: nn.Module) -> None:
+    """A query/key norm before RoPE must normalise one head or the whole projection; a key norm must be an RMSNorm
+    (``weight * x / rms(x)``), which MLA splits exactly (see `MLAAttention`)."""
+    base = attn.base_layer if isinstance(attn, MLAAttention) else attn
+    d, config = base.head_dim, base.config
+    for norm_name, heads in (("q_norm", config.num_attention_heads), ("k_norm", config.num_key_value_heads)):
+        norm = getattr(base, norm_name, None)
+        if norm is None:
+            continue
+        width = getattr(norm, "weight", torch.empty(0)).numel()
+        if width not in (d, heads * d):
+            raise ValueError(
+                f"`{name}.{norm_name}` normalises {width} values, neither head_dim={d} nor heads x head_dim="
+                f"{heads * d}; MLA supports per-head (Qwen3) or whole-projection (OLMo 2) query/key norms only."
+            )
+        if norm_name == "k_norm":
+            check_rms_norm(norm, width, f"`{name}.k_norm`")
+
+
 def _generate_cache_kwarg() -> str:
     """``cache`` where transformers' `generate` takes it (5.24+), else ``past_key_values``."""
     from transformers.generation import utils
@@ -54,7 +82,8 @@ class MLAModel(PIModel):
     original model (original attention and RoPE); merging is refused (MLA has no standard-attention equivalent).
 
     Args:
-        model ([`~transformers.PreTrainedModel`]): A RoPE model with separate q/k/v projections (Llama, Qwen2).
+        model ([`~transformers.PreTrainedModel`]): A RoPE model with separate q/k/v projections (Llama, Mistral,
+            Qwen2, Qwen3, OLMo 2).
         config ([`MLAConfig`]): The configuration of the adapter.
         adapter_name (`str`, defaults to `"default"`): The name of the adapter.
 
@@ -72,6 +101,14 @@ class MLAModel(PIModel):
     def _prepare_model(self, peft_config: MLAConfig, model: nn.Module):
         if any(isinstance(m, MLAAttention) for m in model.modules()):
             raise ValueError("This model already has an MLA adapter; pi_peft supports one MLA adapter per model.")
+        if peft_config.full_finetune:
+            frozen = next((n for n, p in model.named_parameters() if not p.dtype.is_floating_point), None)
+            if frozen is not None:
+                raise ValueError(
+                    f"`full_finetune=True` trains every weight, but `{frozen}` is quantised "
+                    f"({dict(model.named_parameters())[frozen].dtype}); load the base unquantised (bf16/fp32), or "
+                    "set `full_finetune=False` (MLA matrices + LoRA, which works on a 4-bit base)."
+                )
         self._mla_check_model(peft_config, model)
         targets = peft_config.target_modules
         if isinstance(targets, (list, set, tuple)) and set(targets) & set(_KV_NAMES):
@@ -93,6 +130,26 @@ class MLAModel(PIModel):
         config = self.peft_config[adapter_name]
         if isinstance(config, MLAConfig):
             self._mla_convert(model, adapter_name, config)
+            self._mark_only_adapters_as_trainable(model)  # again: the MLA layers exist only now
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        """peft's rule (adapter weights only), or with `full_finetune` every weight except the unused k/v."""
+        super()._mark_only_adapters_as_trainable(model)
+        configs = [self.peft_config[n] for n in self.active_adapters if n in self.peft_config]
+        if any(isinstance(c, MLAConfig) and c.full_finetune and not c.inference_mode for c in configs):
+            unused = _unused_kv_names(model)
+            for name, param in model.named_parameters():
+                if param.dtype.is_floating_point and not name.startswith(unused):
+                    param.requires_grad_(True)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """peft's selection of adapter weights; with `full_finetune`, every weight but the unused k/v projections."""
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if isinstance(config, MLAConfig) and config.full_finetune:
+            unused = _unused_kv_names(model)
+            to_return.update({k: v for k, v in state_dict.items() if not k.startswith(unused)})
+        return to_return
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge and any(isinstance(m, MLAAttention) for m in self.model.modules()):
@@ -125,17 +182,13 @@ class MLAModel(PIModel):
             detail = f" It has fused projections ({fused[0]}, ...)." if fused else ""
             raise ValueError(
                 f"MLA needs attention layers with separate `q_proj`/`k_proj`/`v_proj`/`o_proj` (Llama, Mistral, "
-                "Qwen2); "
+                "Qwen2, Qwen3); "
                 f"{type(model).__name__} has none.{detail} Split a fused qkv projection into three first."
             )
         attn = layers[0][1]
         head_dim, model_config = attn.head_dim, attn.config
-        if any(hasattr(a, "k_norm") for _, a in layers):
-            raise ValueError(
-                "This model normalises keys per head (`k_norm`, e.g. Qwen3): keys are then a nonlinear function of "
-                "the whole head, so the no-RoPE part cannot be rebuilt from a linear latent. MLA supports "
-                "Llama/Mistral/Qwen2-style attention."
-            )
+        for name, a in layers:
+            _check_qk_norms(name, a)
         if getattr(model_config, "partial_rotary_factor", 1.0) not in (None, 1, 1.0):
             raise ValueError("MLA expects RoPE on the whole head (`partial_rotary_factor` = 1).")
         if config.rope_dims > head_dim:
@@ -176,10 +229,9 @@ class MLAModel(PIModel):
             layer = MLAAttention(attn, adapter_name, config.kv_rank, config.rope_dims)
             if pairs is not None:
                 layer.init_from_base(pairs[i])
-            layer.requires_grad_(False)
-            if not config.inference_mode:
-                for module_dict in (layer.mla_kv_down, layer.mla_k_rope, layer.mla_k_up, layer.mla_v_up):
-                    module_dict.requires_grad_(True)
+            # the wrapped attention keeps its trainability (frozen base, LoRA on q_proj/o_proj trainable)
+            for module_dict in (layer.mla_kv_down, layer.mla_k_rope, layer.mla_k_up, layer.mla_v_up):
+                module_dict.requires_grad_(not config.inference_mode)
             setattr(parent, child, layer)
 
 
@@ -188,7 +240,8 @@ def initialize_mla_weights(model: nn.Module, calibration_data, max_batches: Opti
     """Data-driven initialisation for ``rope_selection="2-norm"`` (peft's EVA pattern: adapter first, then data).
 
     Runs the *original* attention (adapters disabled) over ``calibration_data`` (an iterable of batches: tensors of
-    input ids or dicts with ``input_ids``/``attention_mask``), scores every rotary pair by the mean query-pair norm x
+    input ids or dicts with ``input_ids``/``attention_mask``), takes the queries and keys as RoPE sees them (after
+    ``q_norm``/``k_norm`` in Qwen3 or OLMo 2), scores every rotary pair by the mean query-pair norm x
     mean key-pair norm summed over the GQA group, keeps the top ``rope_dims / 2`` pairs per layer and kv head, then
     initialises every layer by the joint SVD and records the choice in the config (``rope_pairs``). Returns the
     kept pairs ``(layers, kv_heads, rope_dims / 2)``.
@@ -221,7 +274,10 @@ def initialize_mla_weights(model: nn.Module, calibration_data, max_batches: Opti
     def catch(i: int, which: str, heads: int, head_dim: int):
         def hook(module, inputs, output):
             mask = current_mask[0]
-            norms = pair_norms(output.view(*output.shape[:-1], heads, head_dim))  # (B, T, heads, d/2)
+            states = output.reshape(
+                *output.shape[:2], heads, head_dim
+            )  # (B, T, heads, d) from (B, T, heads*d | heads, d)
+            norms = pair_norms(states)  # (B, T, heads, d/2)
             if mask is not None:
                 norms = norms * mask[..., None, None]
             total = norms.sum(dim=(0, 1))  # (heads, d/2)
@@ -236,8 +292,10 @@ def initialize_mla_weights(model: nn.Module, calibration_data, max_batches: Opti
     current_mask = [None]
     for i, layer in enumerate(layers):
         attn = layer.base_layer
-        hooks.append(attn.q_proj.register_forward_hook(catch(i, "q", layer.num_heads, layer.head_dim)))
-        hooks.append(attn.k_proj.register_forward_hook(catch(i, "k", layer.num_kv_heads, layer.head_dim)))
+        # what RoPE rotates: after q_norm/k_norm where the model has them (Qwen3, OLMo 2), else the projections
+        q_src, k_src = getattr(attn, "q_norm", attn.q_proj), getattr(attn, "k_norm", attn.k_proj)
+        hooks.append(q_src.register_forward_hook(catch(i, "q", layer.num_heads, layer.head_dim)))
+        hooks.append(k_src.register_forward_hook(catch(i, "k", layer.num_kv_heads, layer.head_dim)))
     device = next(tuner.model.parameters()).device
     seen = 0
     tuner.disable_adapter_layers()  # the original attention (and RoPE) produce the calibration statistics
