@@ -295,6 +295,47 @@ def test_only_mla_and_lora_weights_train():
     assert not any(".base_layer.weight" in n or "norm" in n or "embed" in n for n in trainable)
 
 
+# ---- 4-bit base (QLoRA-style) -------------------------------------------------------------------------------------
+def four_bit_llama(path):
+    """The tiny Llama at ``path`` quantised to NF4 by bitsandbytes on CPU, or a skip saying why it cannot be."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu").eval()
+    except Exception as error:  # no bitsandbytes, or a build without CPU 4-bit support
+        pytest.skip(f"bitsandbytes cannot quantise to 4 bit on this CPU: {type(error).__name__}: {error}")
+    assert type(model.model.layers[0].self_attn.k_proj).__name__ == "Linear4bit"
+    return model
+
+
+@pytest.mark.parametrize("forward_first", [False, True])  # True: bitsandbytes has repacked weights for its CPU kernel
+def test_four_bit_base_converts_from_dequantised_weights_and_generates(tiny_checkpoint, ids, forward_first):
+    base = four_bit_llama(tiny_checkpoint)
+    reference = logits(base, ids)  # the 4-bit model's own logits
+    if not forward_first:
+        base = four_bit_llama(tiny_checkpoint)
+    full = get_peft_model(base, MLAConfig(kv_rank=KV_HEADS * HEAD_DIM, rope_dims=HEAD_DIM))
+    assert all(p.dtype == torch.float32 for n, p in full.named_parameters() if ".mla_" in n)
+    assert type(full.get_base_model().model.layers[0].self_attn.base_layer.q_proj.base_layer).__name__ == "Linear4bit"
+    unquantised = logits(tiny_model("llama"), ids)
+    error = (logits(full, ids) - reference).abs().max()
+    assert error < 0.1 * (unquantised - reference).abs().max()  # far closer to the 4-bit model than 4-bit is to fp32
+    model = get_peft_model(four_bit_llama(tiny_checkpoint), MLAConfig(kv_rank=12, rope_dims=4))
+    prompt = ids[:1, :9]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = model.generate(prompt, return_dict_in_generate=True, **kwargs)
+    assert isinstance(out.past_key_values, MLACache) and out.sequences.shape == (1, 17)
+    assert out.past_key_values.values_per_token(0) == 12 + KV_HEADS * 4
+    assert torch.equal(out.sequences, model.generate(prompt, use_cache=False, **kwargs))
+
+
+def test_full_finetune_on_a_four_bit_base_is_refused(tiny_checkpoint):
+    with pytest.raises(ValueError, match=r"`full_finetune=True` trains every weight, but `.*` is quantised"):
+        get_peft_model(four_bit_llama(tiny_checkpoint), MLAConfig(kv_rank=12, rope_dims=4, full_finetune=True))
+
+
 # ---- full fine-tuning (full_finetune=True) -----------------------------------------------------------------------
 def test_full_finetune_trains_every_weight_but_the_replaced_kv_and_saves_them(tmp_path, tiny_checkpoint, ids):
     from transformers import AutoModelForCausalLM
