@@ -295,6 +295,53 @@ def test_only_mla_and_lora_weights_train():
     assert not any(".base_layer.weight" in n or "norm" in n or "embed" in n for n in trainable)
 
 
+# ---- LongLoRA's S²-Attn in training -------------------------------------------------------------------------------
+def test_s2_attn_training_equals_the_reference_rule_and_trains(ids):
+    from test_s2_attn import docs_from_positions, reference_attention, rows
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    from pi_peft import s2_attn
+
+    seen = []
+
+    def reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kwargs):
+        docs = None if position_ids is None else docs_from_positions(position_ids.expand(query.shape[0], -1))
+        seen.append(docs is not None and bool(docs.any()))
+        valid = None if attention_mask is None else attention_mask.bool()
+        return reference_attention(query, key, value, 0.25, valid, docs, scaling).to(query.dtype), None
+
+    AttentionInterface.register("test_mla_s2_reference", reference)
+    AttentionMaskInterface.register("test_mla_s2_reference", flash_attention_mask)
+    config = MLAConfig(kv_rank=12, rope_dims=4, scaling_factor=4.0, s2_attn=True, lora_dropout=0.0)
+    model = get_peft_model(tiny_model("llama"), config).train()
+    perturb(model)
+    inner = model.get_base_model()
+    assert s2_attn.is_s2_implementation(inner.config._attn_implementation)
+    batch = torch.randint(0, 128, (2, 45), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 45, dtype=torch.long)
+    mask[1, -6:] = 0
+    packed_positions = rows("packed", 2, 45)[2]
+    for kwargs in (dict(), dict(attention_mask=mask), dict(position_ids=packed_positions)):
+        kept = mask.bool() if "attention_mask" in kwargs else torch.ones(2, 45, dtype=torch.bool)
+        got = model(input_ids=batch, **kwargs).logits
+        inner.set_attn_implementation("test_mla_s2_reference")
+        want = model(input_ids=batch, **kwargs).logits
+        model.eval()  # the model's own full attention
+        full = model(input_ids=batch, **kwargs).logits
+        model.train()  # back to S²
+        assert s2_attn.is_s2_implementation(inner.config._attn_implementation)
+        torch.testing.assert_close(got[kept], want[kept], atol=1e-5, rtol=0)
+        assert (got[kept] - full[kept]).abs().max() > 1e-3  # S² really ran: blocks, not full attention
+    assert seen[-1]  # packed rows reached the attention function (MLA passes position_ids on)
+    loss = model(input_ids=batch, labels=batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    for part in (".mla_kv_down.", ".mla_k_rope.", "q_proj.lora_B", "mlp.up_proj.lora_B"):
+        grads = [p.grad for n, p in model.named_parameters() if part in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), part
+
+
 # ---- 4-bit base (QLoRA-style) -------------------------------------------------------------------------------------
 def four_bit_llama(path):
     """The tiny Llama at ``path`` quantised to NF4 by bitsandbytes on CPU, or a skip saying why it cannot be."""

@@ -257,7 +257,6 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         cache = kwargs.pop("cache", None)
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
-        kwargs.pop("position_ids", None)
         kwargs.pop("use_cache", None)
         kwargs.pop("cache_position", None)
 
