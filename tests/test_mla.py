@@ -295,6 +295,23 @@ def test_only_mla_and_lora_weights_train():
     assert not any(".base_layer.weight" in n or "norm" in n or "embed" in n for n in trainable)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "olmo2"])
+def test_bf16_model_with_fp32_mla_weights_runs_and_caches_in_bf16(family, ids):
+    """peft keeps adapter weights of a bf16 model in fp32 (`autocast_adapter_dtype`); OLMo 2's RoPE tables are fp32."""
+    make = (lambda: tiny_model("llama")) if family == "llama" else (lambda: qk_norm_model(family))
+    fp32, bf16 = logits(make(), ids), logits(make().to(torch.bfloat16), ids).float()
+    model = get_peft_model(make().to(torch.bfloat16), MLAConfig(kv_rank=KV_HEADS * HEAD_DIM, rope_dims=HEAD_DIM))
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".mla_" in n)
+    error = (logits(model, ids).float() - bf16).abs().max()
+    assert error <= 3 * (bf16 - fp32).abs().max()  # the conversion adds no more than bf16's own rounding
+    out = model.eval().generate(
+        ids[:1, :9], max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True
+    )
+    cache, tokens = out.past_key_values, out.sequences.shape[1] - 1
+    assert all(t.dtype == torch.bfloat16 for layer in cache.layers for t in (layer.keys, layer.values))
+    assert cache.nbytes() == 2 * tokens * sum(cache.values_per_token(i) for i in range(len(cache.layers)))
+
+
 # ---- LongLoRA's S²-Attn in training -------------------------------------------------------------------------------
 def test_s2_attn_training_equals_the_reference_rule_and_trains(ids):
     from test_s2_attn import docs_from_positions, reference_attention, rows

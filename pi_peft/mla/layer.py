@@ -264,10 +264,10 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         h, g, d, r, n = self.num_heads, self.num_kv_heads, self.head_dim, self.rope_dims, self.nope_dims
         q = self._queries(attn, hidden_states)  # (B, H, T, d), q_norm applied
         q_pe, q_nope = _gather_dims(q, self.q_rope_idx), _gather_dims(q, self.q_nope_idx)  # (B,H,T,r), (B,H,T,n)
-        latent = self.mla_kv_down[name](hidden_states)  # (B, T, R)
-        k_pe = self.mla_k_rope[name](hidden_states).view(b, t, g, r).transpose(1, 2)  # (B, G, T, r)
+        latent = _project(self.mla_kv_down[name], hidden_states)  # (B, T, R)
+        k_pe = _project(self.mla_k_rope[name], hidden_states).view(b, t, g, r).transpose(1, 2)  # (B, G, T, r)
         if self.k_norm_kind:  # normalise the rope keys now, with the rms of the whole raw key; cache 1/rms
-            k_nope_new = self.mla_k_up[name](latent).view(b, t, g, n).transpose(1, 2)  # (B, G, T, n) raw
+            k_nope_new = _project(self.mla_k_up[name], latent).view(b, t, g, n).transpose(1, 2)  # (B, G, T, n) raw
             scale = self._key_scale(k_pe, k_nope_new).to(k_pe.dtype)  # (B, G, T, 1)
             w_rope, _ = self._key_norm_weights()
             k_pe = apply_key_scale(k_pe, scale, w_rope)  # (B, G, T, r)
@@ -275,8 +275,9 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         cos, sin = position_embeddings  # (B, T, d) each, half-split layout
         cos_q, sin_q = _per_head_table(cos, self.q_rope_idx), _per_head_table(sin, self.q_rope_idx)  # (B, H, T, r)
         cos_k, sin_k = _per_head_table(cos, self.k_rope_idx), _per_head_table(sin, self.k_rope_idx)  # (B, G, T, r)
-        q_pe = q_pe * cos_q + rotate_half(q_pe) * sin_q
-        k_pe = k_pe * cos_k + rotate_half(k_pe) * sin_k
+        # rotated in the tables' dtype (OLMo 2 keeps them in fp32), back to the model's dtype as transformers does
+        q_pe = (q_pe * cos_q + rotate_half(q_pe) * sin_q).to(q_pe.dtype)
+        k_pe = (k_pe * cos_k + rotate_half(k_pe) * sin_k).to(k_pe.dtype)
         rope_slot = torch.cat([k_pe, scale], dim=-1) if self.k_norm_kind else k_pe  # (B, G, T, r + scale_dims)
 
         if cache is not None:
@@ -295,10 +296,10 @@ class MLAAttention(nn.Module, BaseTunerLayer):
             return attn.o_proj(out), None  # out (B, T, H*d)
 
         s = latent_all.shape[1]
-        k_nope = self.mla_k_up[name](latent_all).view(b, s, g, n).transpose(1, 2)  # (B, G, S, n)
+        k_nope = _project(self.mla_k_up[name], latent_all).view(b, s, g, n).transpose(1, 2)  # (B, G, S, n)
         if self.k_norm_kind:
             k_nope = apply_key_scale(k_nope, scale_all, self._key_norm_weights()[1])  # (B, G, S, n)
-        value = self.mla_v_up[name](latent_all).view(b, s, g, d).transpose(1, 2)  # (B, G, S, d)
+        value = _project(self.mla_v_up[name], latent_all).view(b, s, g, d).transpose(1, 2)  # (B, G, S, d)
         query = torch.cat([q_pe, q_nope], dim=-1)  # (B, H, T, d): dims reordered, dot products unchanged
         key = torch.cat([k_pe_all, k_nope], dim=-1)  # (B, G, S, d)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, _eager_of(attn))
@@ -353,8 +354,9 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         b, h, t, _ = q_pe.shape
         g, d, n = self.num_kv_heads, self.head_dim, self.nope_dims
         grp = h // g
-        w_uk = self.mla_k_up[name].weight.view(g, n, self.kv_rank)  # (G, n, R)
-        w_uv = self.mla_v_up[name].weight.view(g, d, self.kv_rank)  # (G, d, R)
+        dtype = latent.dtype  # the model's; peft may keep the MLA weights in fp32 (autocast_adapter_dtype)
+        w_uk = self.mla_k_up[name].weight.to(dtype).view(g, n, self.kv_rank)  # (G, n, R)
+        w_uv = self.mla_v_up[name].weight.to(dtype).view(g, d, self.kv_rank)  # (G, d, R)
         q_nope = q_nope.view(b, g, grp, t, n)  # (B, G, g, T, n)
         if key_scale is not None:  # k_nop = w * s * (W_uk c + b): fold w into the query, s per key below
             q_nope = q_nope * self._key_norm_weights()[1][None, :, None, None, :]
@@ -363,7 +365,7 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         if key_scale is not None:
             bias = self.mla_k_up[name].bias
             if bias is not None:  # the key bias is scaled per key now, so it no longer cancels in softmax
-                scores = scores + torch.einsum("bgktn,gn->bgkt", q_nope, bias.view(g, n))[..., None]
+                scores = scores + torch.einsum("bgktn,gn->bgkt", q_nope, bias.to(dtype).view(g, n))[..., None]
             scores = scores * key_scale[:, :, None, None, :, 0]  # (B, G, 1, 1, S)
         # without a key norm the key bias adds the same constant to every score of a query and cancels in softmax
         scores = scores + torch.einsum("bgktr,bgsr->bgkts", q_pe.view(b, g, grp, t, -1), k_pe)
@@ -375,8 +377,14 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         ctx = torch.einsum("bgkts,bsr->bgktr", probs, latent)  # (B, G, g, T, R)
         out = torch.einsum("bgktr,gdr->bgktd", ctx, w_uv)  # (B, G, g, T, d)
         if self.mla_v_up[name].bias is not None:  # attention weights sum to 1, so the value bias passes through
-            out = out + self.mla_v_up[name].bias.view(1, g, 1, 1, d)
+            out = out + self.mla_v_up[name].bias.to(dtype).view(1, g, 1, 1, d)
         return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+
+
+def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """An MLA projection in its weights' dtype (peft keeps adapter weights of a bf16/fp16 model in fp32 by default,
+    `autocast_adapter_dtype`), returned in the model's dtype, as peft's LoRA layers do; the cache stays in it too."""
+    return linear(x.to(linear.weight.dtype)).to(x.dtype)
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor:

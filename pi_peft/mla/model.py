@@ -101,7 +101,7 @@ class MLAModel(PIModel):
     def _prepare_model(self, peft_config: MLAConfig, model: nn.Module):
         if any(isinstance(m, MLAAttention) for m in model.modules()):
             raise ValueError("This model already has an MLA adapter; pi_peft supports one MLA adapter per model.")
-        if peft_config.full_finetune:
+        if getattr(peft_config, "full_finetune", False):
             frozen = next((n for n, p in model.named_parameters() if not p.dtype.is_floating_point), None)
             if frozen is not None:
                 raise ValueError(
