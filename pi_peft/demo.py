@@ -560,11 +560,12 @@ def run_demo(cfg: DemoConfig, output_dir: str, cache_dir: str | None = "auto") -
         if pre_info["cached"]
         else f"pretraining {timings['pretrain']:.0f} s"
     )
+    n_threads = torch.get_num_threads()
     markdown = (
         f"Pretrained at L={L} (rope_theta {cfg.rope_theta:g}, {n_params / 1e6:.2f}M parameters, {cfg.pretrain_steps} "
         f"steps), extended to {T} ({cfg.finetune_steps} fine-tuning steps each for {', '.join(tuned)}; passkey "
         f"documents in fine-tuning up to {finetune_passkey_max(cfg)} tokens). "
-        f"Wall time {timings['total']:.0f} s on {torch.get_num_threads()} threads ({pre}).\n\n"
+        f"Wall time {timings['total']:.0f} s on {n_threads} thread{'s' * (n_threads > 1)} ({pre}).\n\n"
         f"{demo_table(results, cfg)}\n\n{depth_table(results, cfg)}\n\n{curve_table(curves, cfg)}\n\n{claim_text}"
     )
     os.makedirs(output_dir, exist_ok=True)

@@ -32,6 +32,9 @@ from pi_peft.evaluation.passkey import evaluate_passkey
 # the demo's defaults when I1-I6 ran (before round 3 changed them)
 ROUND2 = dict(
     rope_theta=500.0,
+    vocab_size=1024,  # the tokenizer of rounds 1-3 (one token per digit), pinned since the demo's defaults moved on
+    split_digits=True,
+    finetune_passkey_max_tokens=128,  # passkey documents up to L unless a variant sets it (the default then)
     pretrain_steps=1000,
     pretrain_batch=16,
     pretrain_lr=2e-3,
