@@ -37,6 +37,8 @@ from pi_peft import demo
 # original 2 x 4 x 32 = 256 cached values per token and layer
 LEVELS = {"25%": (32, 8), "12%": (16, 4)}  # 32 + 4 x 8 = 64 (25%), 16 + 4 x 4 = 32 (12.5%)
 EXPERIMENT = dict(
+    vocab_size=1024,  # the demo's tokenizer before round 4 (one token per digit), pinned so that the committed
+    split_digits=True,  # results stay comparable (and its cached base is reused) when the demo's defaults move
     pretrain_steps=1200,
     pretrain_batch=16,
     pretrain_lr=2e-3,
