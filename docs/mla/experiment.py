@@ -2,6 +2,12 @@
 
     python docs/mla/experiment.py --output-dir docs/mla          # the committed table (docs/mla/results.md)
     python docs/mla/experiment.py --quick --output-dir /tmp/mla  # smoke run, a minute
+    python docs/mla/experiment.py --long --output-dir docs/mla   # MLA + PI on the demo's own setting (long.md)
+
+``--long`` answers what the small setting cannot (its PI arms never retrieve): the demo's defaults, base and
+fine-tuning (``pi_peft.demo.finetune_arm``: 400 steps x 8 rows x 4L, passkey documents up to 4L) and the demo's
+evaluation (perplexity at L, 2L, 4L; passkey at L ... 4L, 50 trials per length), for `pi-ft` (the demo's arm, PI
+alone, full cache) and `mla-25%-pi-ft` (MLA at a quarter of the cache + PI in one adapter), side by side.
 
 Steps, all through pi_peft's public path (`get_peft_model(base, MLAConfig(...))`, `initialize_mla_weights`):
 
@@ -32,6 +38,7 @@ import torch
 
 import pi_peft  # noqa: F401  (registers PI and MLA with peft)
 from pi_peft import demo
+from pi_peft.utils import atomic_write_text
 
 # (kv_rank, rope_dims) of the two compression levels for the demo model (4 heads x head_dim 32, hidden 128):
 # original 2 x 4 x 32 = 256 cached values per token and layer
@@ -126,6 +133,62 @@ def table(results, cfg) -> str:
     return "\n".join(lines)
 
 
+def long_context(args) -> int:
+    """`pi-ft` and `mla-25%-pi-ft` fine-tuned and evaluated exactly as ``pi-peft demo`` does its arms."""
+    cfg = replace(demo.DemoConfig(**(QUICK if args.quick else {})), threads=args.threads)
+    level = (QUICK_LEVELS if args.quick else LEVELS)["25%"]
+    torch.set_num_threads(cfg.threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    t0 = time.time()
+    rng = random.Random(cfg.seed)
+    data = demo.prepare_data(cfg, rng)
+    base, info = demo.pretrained_base(cfg, data, rng, None if args.quick else demo.default_cache_dir())
+    mc = base.config
+    torch.manual_seed(cfg.seed + 1)  # as demo.extend
+    arms = {
+        "pi-ft": (demo.arm_model(base, cfg, "pi-ft"), None),
+        "mla-25%-pi-ft": (mla_adapter(base, cfg, data, level, float(cfg.factor)), level),
+    }
+    rows, curves, timings = {}, {}, {"pretrain_or_load": round(time.time() - t0, 1)}
+    for name, (model, lvl) in arms.items():
+        t = time.time()
+        losses, curves[name] = demo.finetune_arm(cfg, data, model, "pi-ft")  # the LoRA arm's lr and batches
+        timings[f"finetune {name}"] = round(time.time() - t, 1)
+        model.eval()
+        results, _, _ = demo.evaluate_models(cfg, data, {name: model}, timings)
+        rows[name] = {"cache_values": cache_values(mc, lvl), "train_loss": sum(losses[-20:]) / 20, **results[name]}
+    original = rows["pi-ft"]["cache_values"]
+    L, T = cfg.context_length, cfg.target_length
+    head = ["arm", "cached values / token / layer", "vs original", f"ppl {L} / {2 * L} / {T}"]
+    head += [f"passkey {' / '.join(str(n) for n in cfg.passkey_lengths)}", "k_max", "passkey 128 / 256 / 512 by step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        ppl = " / ".join(f"{p['ppl']:.2f}" for p in r["ppl"])
+        acc = r["passkey"]["accuracy_by_length"]
+        pk = " / ".join(f"{acc[n] if n in acc else acc[str(n)]:.2f}" for n in cfg.passkey_lengths)
+        steps = "; ".join(
+            f"{c['step']}: " + " / ".join(f"{v:.2f}" for v in c["accuracy_by_length"].values()) for c in curves[name]
+        )
+        cells = [name, str(r["cache_values"]), f"{r['cache_values'] / original:.3f}", ppl, pk]
+        lines.append("| " + " | ".join(cells + [str(r["passkey"]["k_max"]), steps]) + " |")
+    header = (
+        f"The demo's setting (`pi_peft.demo.DemoConfig()`: L = {L} -> {T}, rope_theta {cfg.rope_theta:g}, vocab "
+        f"{cfg.vocab_size}, {cfg.finetune_steps} fine-tuning steps x {cfg.finetune_batch} rows x {T} tokens, passkey "
+        f"documents up to {demo.finetune_passkey_max(cfg)} tokens; LoRA r {cfg.lora_r} + embeddings + norms); MLA "
+        f"level (kv_rank, rope_dims) = {level}, 2-norm selection; {cfg.threads} thread(s), "
+        f"{time.time() - t0:.0f} s in all."
+    )
+    md = "\n".join(lines)
+    print(header)
+    print(md)
+    payload = {"config": asdict(cfg), "level": level, "pretrain": info, "timings": timings, "results": rows}
+    payload["learning_curves"] = curves
+    stem = os.path.join(args.output_dir, "long")
+    atomic_write_text(f"{stem}.json", json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(f"{stem}.md", f"{header}\n\n{md}\n")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", required=True)
@@ -136,7 +199,11 @@ def main(argv=None) -> int:
         help="checks of the setup instead of the main table: the exact conversion (every rotary dim, full rank) "
         "must match the original; 4x the fine-tuning steps; 'high' instead of '2-norm' (writes variations.*)",
     )
+    parser.add_argument("--long", action="store_true", help="MLA + PI at the demo's own setting (writes long.*)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.long:
+        return long_context(args)
     cfg = replace(demo.DemoConfig(), **(QUICK if args.quick else EXPERIMENT))
     levels = QUICK_LEVELS if args.quick else LEVELS
     torch.set_num_threads(cfg.threads)
