@@ -53,3 +53,22 @@ def test_mla_experiment_quick_run(tmp_path):
         < results["original"]["cache_values"]
     )
     assert "| mla-25%-pi-ft |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_mla_experiment_long_quick_run(tmp_path):
+    """``--long``: PI alone and MLA + PI through the demo's own fine-tuning and evaluation, side by side."""
+    import experiment
+
+    assert experiment.main(["--long", "--quick", "--output-dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "long.json").read_text())
+    results = payload["results"]
+    assert list(results) == ["pi-ft", "mla-25%-pi-ft"]
+    level = payload["level"]
+    assert results["mla-25%-pi-ft"]["cache_values"] == level[0] + payload["config"]["num_attention_heads"] * level[1]
+    assert results["mla-25%-pi-ft"]["cache_values"] < results["pi-ft"]["cache_values"]
+    for r in results.values():  # the demo's evaluation: perplexity at L, 2L, 4L and passkey at its lengths
+        assert [p["context_length"] for p in r["ppl"]] == [128, 256, 512]
+        assert all(p["ppl"] > 1 for p in r["ppl"])
+        assert 0 <= r["passkey"]["k_max"] <= 512
+    assert "| mla-25%-pi-ft | " in (tmp_path / "long.md").read_text()
