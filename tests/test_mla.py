@@ -120,23 +120,7 @@ def test_greedy_with_the_latent_cache_equals_full_recomputation(family, attn):
     model = mla_model(family, kv_rank=12, rope_dims=6, rope_selection="uniform").eval()
     perturb(model)
     model.config._attn_implementation = attn
-    prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(4))
-    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
-    cached = model.generate(prompt, **kwargs)
-    recomputed = model.generate(prompt, use_cache=False, **kwargs)
-    assert torch.equal(cached, recomputed)
-    # step logits: absorbed decoding, rebuilt keys/values and no cache agree
-    seq = cached[:, :-1]
-    full = logits(model, seq)[:, -1]
-    for absorb in (True, False):
-        for m in model.modules():
-            if isinstance(m, MLAAttention):
-                m.absorb = absorb
-        cache = MLACache()
-        with torch.no_grad():
-            model(seq[:, :-1], past_key_values=cache, use_cache=True)
-            step = model(seq[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
-        torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+    assert_cached_greedy_equals_recomputation(model)
 
 
 def test_batched_generation_with_left_padding_matches_single_rows():
@@ -232,6 +216,50 @@ def test_save_then_fresh_process_gives_equal_logits(tmp_path, tiny_checkpoint, i
     assert any(p.requires_grad for n, p in loaded.named_parameters() if ".mla_" in n)
 
 
+def assert_cached_greedy_equals_recomputation(model):
+    """Greedy generation with the latent cache equals greedy by full recomputation, and one decoding step's logits
+    agree three ways: absorbed decoding, keys/values rebuilt from the latent, and no cache."""
+    prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    cached = model.generate(prompt, **kwargs)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **kwargs))
+    seq = cached[:, :-1]
+    full = logits(model, seq)[:, -1]
+    for absorb in (True, False):
+        for m in model.modules():
+            if isinstance(m, MLAAttention):
+                m.absorb = absorb
+        cache = MLACache()
+        with torch.no_grad():
+            model(seq[:, :-1], past_key_values=cache, use_cache=True)
+            step = model(seq[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+
+
+def two_norm_reference(base, batches, q_module: str, k_module: str) -> torch.Tensor:
+    """The 2-norm choice computed independently on the original model: per layer, mean pair norms of the queries
+    and keys (outputs of ``q_module``/``k_module``, i.e. what RoPE sees), their product summed over each GQA group,
+    the top 2 pairs per kv head. ``-> (layers, kv_heads, 2)``."""
+    expected = []
+    for layer in base.model.layers:
+        attn, states = layer.self_attn, {}
+        hooks = [
+            getattr(attn, q_module).register_forward_hook(lambda m, i, o, s=states: s.setdefault("q", []).append(o)),
+            getattr(attn, k_module).register_forward_hook(lambda m, i, o, s=states: s.setdefault("k", []).append(o)),
+        ]
+        with torch.no_grad():
+            for batch in batches:
+                base(batch)
+        for hook in hooks:
+            hook.remove()
+        q = torch.cat(states["q"]).view(-1, 4, HEAD_DIM)  # (tokens, heads, head_dim)
+        k = torch.cat(states["k"]).view(-1, KV_HEADS, HEAD_DIM)  # (tokens, kv_heads, head_dim)
+        qn = (q[..., :8] ** 2 + q[..., 8:] ** 2).sqrt().mean(0)  # (4, 8)
+        kn = (k[..., :8] ** 2 + k[..., 8:] ** 2).sqrt().mean(0)  # (2, 8)
+        expected.append((qn.view(2, 2, 8) * kn[:, None]).sum(1).topk(2).indices.sort().values)
+    return torch.stack(expected)
+
+
 def test_two_norm_selection_uses_calibration_data_and_is_saved(tmp_path, ids):
     model = mla_model(kv_rank=16, rope_dims=4, rope_selection="2-norm")
     with pytest.raises(RuntimeError, match=r"rope_selection='2-norm' and has not seen calibration data.*initialize"):
@@ -244,28 +272,7 @@ def test_two_norm_selection_uses_calibration_data_and_is_saved(tmp_path, ids):
     pairs = initialize_mla_weights(model, batches)
     as_dicts = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches]
     assert torch.equal(initialize_mla_weights(model, as_dicts, max_batches=3), pairs)
-    # independent computation on the original model: mean pair norms of q and k, product, summed over the group
-    base = tiny_model("llama")
-    expected = []
-    for layer in base.model.layers:
-        attn = layer.self_attn
-        states = {}
-        hooks = [
-            attn.q_proj.register_forward_hook(lambda m, i, o, s=states: s.setdefault("q", []).append(o)),
-            attn.k_proj.register_forward_hook(lambda m, i, o, s=states: s.setdefault("k", []).append(o)),
-        ]
-        with torch.no_grad():
-            for batch in batches:
-                base(batch)
-        for hook in hooks:
-            hook.remove()
-        q = torch.cat(states["q"]).view(-1, 4, HEAD_DIM)
-        k = torch.cat(states["k"]).view(-1, KV_HEADS, HEAD_DIM)
-        qn = (q[..., :8] ** 2 + q[..., 8:] ** 2).sqrt().mean(0)  # (4, 8)
-        kn = (k[..., :8] ** 2 + k[..., 8:] ** 2).sqrt().mean(0)  # (2, 8)
-        score = (qn.view(2, 2, 8) * kn[:, None]).sum(1)
-        expected.append(score.topk(2).indices.sort().values)
-    assert torch.equal(pairs, torch.stack(expected))
+    assert torch.equal(pairs, two_norm_reference(tiny_model("llama"), batches, "q_proj", "k_proj"))
     assert model.peft_config["default"].rope_pairs == pairs.tolist()
     out = logits(model, ids)
     model.save_pretrained(tmp_path)
@@ -667,21 +674,7 @@ def test_key_norm_greedy_with_the_latent_cache_equals_full_recomputation(case, a
     model = get_peft_model(qk_norm_model(family, **overrides), config).eval()
     perturb(model)
     model.config._attn_implementation = attn
-    prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(4))
-    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
-    cached = model.generate(prompt, **kwargs)
-    assert torch.equal(cached, model.generate(prompt, use_cache=False, **kwargs))
-    seq = cached[:, :-1]
-    full = logits(model, seq)[:, -1]
-    for absorb in (True, False):  # absorbed decoding folds k_norm's weight into the query and scales per key
-        for m in model.modules():
-            if isinstance(m, MLAAttention):
-                m.absorb = absorb
-        cache = MLACache()
-        with torch.no_grad():
-            model(seq[:, :-1], past_key_values=cache, use_cache=True)
-            step = model(seq[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
-        torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+    assert_cached_greedy_equals_recomputation(model)  # with k_norm, absorbed decoding scales per key
 
 
 def test_key_norm_model_save_then_fresh_process_gives_equal_logits(tmp_path, qwen3, ids):
@@ -713,20 +706,4 @@ def test_key_norm_two_norm_selection_scores_queries_and_keys_after_their_norms(q
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     model = get_peft_model(qwen3, MLAConfig(kv_rank=16, rope_dims=4, rope_selection="2-norm"))
     pairs = initialize_mla_weights(model, batches)
-    base, expected = qk_norm_model("qwen3"), []
-    for layer in base.model.layers:
-        attn, states = layer.self_attn, {}
-        hooks = [
-            attn.q_norm.register_forward_hook(lambda m, i, o, s=states: s.setdefault("q", []).append(o)),
-            attn.k_norm.register_forward_hook(lambda m, i, o, s=states: s.setdefault("k", []).append(o)),
-        ]
-        with torch.no_grad():
-            for batch in batches:
-                base(batch)
-        for hook in hooks:
-            hook.remove()
-        q, k = torch.cat(states["q"]).view(-1, 4, HEAD_DIM), torch.cat(states["k"]).view(-1, KV_HEADS, HEAD_DIM)
-        qn = (q[..., :8] ** 2 + q[..., 8:] ** 2).sqrt().mean(0)  # (4, 8)
-        kn = (k[..., :8] ** 2 + k[..., 8:] ** 2).sqrt().mean(0)  # (2, 8)
-        expected.append((qn.view(2, 2, 8) * kn[:, None]).sum(1).topk(2).indices.sort().values)
-    assert torch.equal(pairs, torch.stack(expected))
+    assert torch.equal(pairs, two_norm_reference(qk_norm_model("qwen3"), batches, "q_norm", "k_norm"))

@@ -133,16 +133,22 @@ def table(results, cfg) -> str:
     return "\n".join(lines)
 
 
+def prepare(cfg, args):
+    """The demo's data and pretrained base for ``cfg`` (the user's base cache unless ``--quick``)."""
+    torch.set_num_threads(cfg.threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    data = demo.prepare_data(cfg, rng)
+    base, info = demo.pretrained_base(cfg, data, rng, None if args.quick else demo.default_cache_dir())
+    return data, base, info
+
+
 def long_context(args) -> int:
     """`pi-ft` and `mla-25%-pi-ft` fine-tuned and evaluated exactly as ``pi-peft demo`` does its arms."""
     cfg = replace(demo.DemoConfig(**(QUICK if args.quick else {})), threads=args.threads)
     level = (QUICK_LEVELS if args.quick else LEVELS)["25%"]
-    torch.set_num_threads(cfg.threads)
-    os.makedirs(args.output_dir, exist_ok=True)
     t0 = time.time()
-    rng = random.Random(cfg.seed)
-    data = demo.prepare_data(cfg, rng)
-    base, info = demo.pretrained_base(cfg, data, rng, None if args.quick else demo.default_cache_dir())
+    data, base, info = prepare(cfg, args)
     mc = base.config
     torch.manual_seed(cfg.seed + 1)  # as demo.extend
     arms = {
@@ -206,12 +212,8 @@ def main(argv=None) -> int:
         return long_context(args)
     cfg = replace(demo.DemoConfig(), **(QUICK if args.quick else EXPERIMENT))
     levels = QUICK_LEVELS if args.quick else LEVELS
-    torch.set_num_threads(cfg.threads)
-    os.makedirs(args.output_dir, exist_ok=True)
     t0 = time.time()
-    rng = random.Random(cfg.seed)
-    data = demo.prepare_data(cfg, rng)
-    base, info = demo.pretrained_base(cfg, data, rng, None if args.quick else demo.default_cache_dir())
+    data, base, info = prepare(cfg, args)
     mc = base.config
     L, T = cfg.context_length, cfg.target_length
     results, timings = {}, {"pretrain_or_load": round(time.time() - t0, 1)}
