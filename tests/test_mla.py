@@ -194,18 +194,8 @@ def test_save_then_fresh_process_gives_equal_logits(tmp_path, tiny_checkpoint, i
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert {k.split(".")[-2] for k in weights if ".mla_" in k} == {"mla_kv_down", "mla_k_rope", "mla_k_up", "mla_v_up"}
     assert not any("k_proj" in k or "v_proj" in k for k in weights)
-    torch.save({"ids": ids}, tmp_path / "ids.pt")
-    code = f"""
-        import torch, pi_peft
-        from peft import AutoPeftModelForCausalLM
-        model = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r}).eval()
-        ids = torch.load({str(tmp_path / "ids.pt")!r})["ids"]
-        with torch.no_grad():
-            torch.save(model(ids, use_cache=False).logits, {str(tmp_path / "out.pt")!r})
-        print(type(model.base_model).__name__, model.config.rope_parameters["factor"])
-    """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    printed = 'type(model.base_model).__name__, model.config.rope_parameters["factor"]'
+    result = load_in_fresh_process(tmp_path, ids, printed)
     assert "MLAModel 2.0" in result.stdout
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected)
     # in this process too, through PeftModel.from_pretrained, trainable again
@@ -214,6 +204,24 @@ def test_save_then_fresh_process_gives_equal_logits(tmp_path, tiny_checkpoint, i
     )
     torch.testing.assert_close(logits(loaded, ids), expected)
     assert any(p.requires_grad for n, p in loaded.named_parameters() if ".mla_" in n)
+
+
+def load_in_fresh_process(tmp_path, ids, printed: str) -> subprocess.CompletedProcess:
+    """Load ``tmp_path/adapter`` with ``AutoPeftModelForCausalLM`` in a new Python process, save its logits on
+    ``ids`` to ``tmp_path/out.pt`` and print ``printed`` (an expression of ``model``)."""
+    torch.save({"ids": ids}, tmp_path / "ids.pt")
+    code = f"""
+        import torch, pi_peft
+        from peft import AutoPeftModelForCausalLM
+        model = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r}).eval()
+        ids = torch.load({str(tmp_path / "ids.pt")!r})["ids"]
+        with torch.no_grad():
+            torch.save(model(ids, use_cache=False).logits, {str(tmp_path / "out.pt")!r})
+        print({printed})
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def assert_cached_greedy_equals_recomputation(model):
@@ -686,18 +694,8 @@ def test_key_norm_model_save_then_fresh_process_gives_equal_logits(tmp_path, qwe
     perturb(model)
     expected = logits(model, ids)
     model.save_pretrained(tmp_path / "adapter")
-    torch.save({"ids": ids}, tmp_path / "ids.pt")
-    code = f"""
-        import torch, pi_peft
-        from peft import AutoPeftModelForCausalLM
-        model = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r}).eval()
-        ids = torch.load({str(tmp_path / "ids.pt")!r})["ids"]
-        with torch.no_grad():
-            torch.save(model(ids, use_cache=False).logits, {str(tmp_path / "out.pt")!r})
-        print(type(model.get_base_model()).__name__, type(model.base_model).__name__)
-    """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    printed = "type(model.get_base_model()).__name__, type(model.base_model).__name__"
+    result = load_in_fresh_process(tmp_path, ids, printed)
     assert "Qwen3ForCausalLM MLAModel" in result.stdout
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected)
 
