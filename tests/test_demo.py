@@ -98,6 +98,7 @@ def test_claims_are_checked_on_full_runs_only():
     k_max = {"extrapolation": L, "direct-ft": 2 * L, "pi-ft": T, "pi-full-ft": 2 * L}
     checks = demo.claims(_results(cfg, ppl, k_max), cfg)
     assert checks == {
+        "the base retrieves at L (k_max >= L), so the passkey claims can be tested": True,
         "extrapolation blows up past L (ppl@4L > 2 x ppl@L)": True,
         "PI + full FT (the paper's) ppl@4L <= ppl@L": False,
         "PI + full FT (the paper's) passkey holds to 4L (k_max = 4L)": False,
@@ -106,6 +107,8 @@ def test_claims_are_checked_on_full_runs_only():
         "direct FT k_max well below 4L (<= 3L)": True,
     }
     assert demo.claims(_results(cfg, ppl, k_max), replace(cfg, smoke=True)) == {}
+    blind_base = demo.claims(_results(cfg, ppl, {**k_max, "extrapolation": 0}), cfg)  # seed 1 of round 5
+    assert blind_base[demo.BASE_RETRIEVES] is False
 
 
 def test_pretrained_base_cache_round_trip(tmp_path):
