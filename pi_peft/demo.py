@@ -23,7 +23,7 @@
 
 Usage::
 
-    pi-peft demo                # ~16 min on one quiet thread with the base cached; the first run also pretrains
+    pi-peft demo                # 9 min on 2 cores with the base cached; the first run also pretrains (~5 min)
     pi-peft demo --quick        # about a minute, a smoke test of the whole pipeline that claims nothing
 """
 
