@@ -254,6 +254,17 @@ def train_step(model, loss_fn, optimizer, ids) -> float:
     return float(loss.detach())
 
 
+def timed_repeats(fn, n: int) -> tuple[list, list[float], list[float]]:
+    """Call ``fn()`` ``n`` times: its outputs, and the wall-clock and CPU seconds (this process) of each call."""
+    outputs, times, cpu_times = [], [], []
+    for _ in range(n):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        outputs.append(fn())
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return outputs, times, cpu_times
+
+
 def batch(dims: dict[str, Any], context_length: int, batch_size: int = 1, seed: int = 1):
     import torch
 

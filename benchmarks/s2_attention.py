@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Any
 
 from _common import (
@@ -42,6 +41,7 @@ from _common import (
     peak_rss,
     reset_peak_rss,
     run_json_subprocess,
+    timed_repeats,
     torch_alloc_peak,
     train_step,
     write_json,
@@ -112,12 +112,7 @@ def attention_worker(spec: dict[str, Any]) -> dict[str, Any]:
             x.grad = None
 
     rep()  # warm-up
-    times, cpu_times = [], []
-    for _ in range(int(spec["reps"])):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        rep()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
+    _, times, cpu_times = timed_repeats(rep, int(spec["reps"]))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         rep()
     alloc_peak, _ = torch_alloc_peak(prof)
@@ -175,12 +170,8 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
     del prof
     implementation = model.base_model.model.config._attn_implementation
     reset = reset_peak_rss()
-    times, cpu_times = [], []
-    for _ in range(int(spec["steps"])):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        losses.append(train_step(model, loss_fn, optimizer, ids))
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
+    more, times, cpu_times = timed_repeats(lambda: train_step(model, loss_fn, optimizer, ids), int(spec["steps"]))
+    losses += more
     peak = peak_rss()
     return dict(
         part="step",

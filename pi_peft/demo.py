@@ -179,10 +179,19 @@ def make_batch(
 
 # ---- training ------------------------------------------------------------------------------------------------------
 def train(
-    model, batches, steps: int, lr: float, label: str, log_every: int = 100, probe_steps=(), probe=None
+    model,
+    batches,
+    steps: int,
+    lr: float,
+    label: str,
+    log_every: int = 100,
+    probe_steps=(),
+    probe=None,
+    step_times: list | None = None,
 ) -> list[float]:
     """AdamW with linear warmup and cosine decay; returns the loss of every step. ``probe(model, step)`` is called
-    (in eval mode, without gradients) after each step number in ``probe_steps``."""
+    (in eval mode, without gradients) after each step number in ``probe_steps``; ``step_times``, when given, gets the
+    wall-clock seconds of each step (forward, backward, optimizer; not the batch)."""
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -196,12 +205,15 @@ def train(
     bar = tqdm(range(steps), desc=label, leave=False)
     for step in bar:
         ids = batches()  # (B, T)
+        start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if step_times is not None:
+            step_times.append(time.perf_counter() - start)
         losses.append(loss.item())
         if step % log_every == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")

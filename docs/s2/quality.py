@@ -32,32 +32,13 @@ FACTOR = 4
 MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, vocab_size=1024)
 
 
-def lr_lambda(steps):
-    warmup = max(1, steps // 20)
-    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-
-
 def train(model, batches, steps, lr, label):
-    """AdamW with warm-up and cosine decay; returns the losses and the median step time."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps))
-    model.train()
-    losses, times = [], []
-    for step in range(steps):
-        ids = batches()  # (B, T)
-        t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
-        losses.append(loss.item())
-        if step % 100 == 0 or step == steps - 1:
-            print(f"{label} step {step}: loss {sum(losses[-100:]) / len(losses[-100:]):.3f}", flush=True)
-    model.eval()
+    """The demo's training loop (`pi_peft.demo.train`: AdamW, warm-up, cosine decay); returns the losses and the
+    median step time."""
+    from pi_peft.demo import train as demo_train
+
+    times = []
+    losses = demo_train(model, batches, steps, lr, label, step_times=times)
     return losses, sorted(times)[len(times) // 2]
 
 
