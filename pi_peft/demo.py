@@ -64,7 +64,7 @@ class DemoConfig:
     intermediate_size: int = 384
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
-    rope_theta: float = 10000.0  # Llama 2's (round 3 of docs/demo/EXPERIMENTS.md: 500 hides PI's result)
+    rope_theta: float = 10000.0  # Llama 2's (round 3 of experiments/demo/EXPERIMENTS.md: 500 hides PI's result)
     vocab_size: int = 2048  # with merged digits: a 5-digit key is 3-5 tokens (round 4 of EXPERIMENTS.md)
     split_digits: bool = False  # True: one token per digit, as Llama 2 (PI + FT then never copied: rounds 1-3)
     corpus_chars: int = 3_000_000
@@ -575,7 +575,7 @@ def run_demo(cfg: DemoConfig, output_dir: str, cache_dir: str | None = "auto") -
             claim_text += (
                 "\nThe pretrained base does not retrieve a passkey even at L, so the passkey claims say nothing about "
                 "PI here; at this scale copying emerges in pretraining for some seeds only (round 5 of "
-                "docs/demo/EXPERIMENTS.md): try another `--seed`.\n"
+                "experiments/demo/EXPERIMENTS.md): try another `--seed`.\n"
             )
     pre = (
         f"base loaded from the cache (pretraining took {pre_info['pretrain_s']:.0f} s when it ran)"

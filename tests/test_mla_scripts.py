@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-sys.path.insert(0, os.path.join(ROOT, "docs", "mla"))
+sys.path.insert(0, os.path.join(ROOT, "experiments", "mla"))
 
 import mla_kv_cache  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Tokens per passkey answer (`" <5-digit key>"`) for the demo tokenizers of rounds 3, 4 and 4b of EXPERIMENTS.md.
 
-python docs/demo/key_tokens.py > docs/demo/key_tokens.txt
+python experiments/demo/key_tokens.py > experiments/demo/key_tokens.txt
 """
 
 import random

@@ -1,8 +1,8 @@
 """MHA2MLA in miniature, on CPU: convert the demo's pretrained Llama to MLA, fine-tune briefly, compare; then with PI.
 
-    python docs/mla/experiment.py --output-dir docs/mla          # the committed table (docs/mla/results.md)
-    python docs/mla/experiment.py --quick --output-dir /tmp/mla  # smoke run, a minute
-    python docs/mla/experiment.py --long --output-dir docs/mla   # MLA + PI on the demo's own setting (long.md)
+    python experiments/mla/experiment.py --output-dir experiments/mla         # the committed table (results.md)
+    python experiments/mla/experiment.py --quick --output-dir /tmp/mla        # smoke run, a minute
+    python experiments/mla/experiment.py --long --output-dir experiments/mla  # MLA + PI, the demo's setting (long.md)
 
 ``--long`` answers what the small setting cannot (its PI arms never retrieve): the demo's defaults, base and
 fine-tuning (``pi_peft.demo.finetune_arm``: 400 steps x 8 rows x 4L, passkey documents up to 4L) and the demo's

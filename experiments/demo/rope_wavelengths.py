@@ -7,7 +7,7 @@ turns through over the whole 4L window (a pair that turns less than 1 radian ove
 position there: the same query-key match wherever the needle is). Then a summary per rope_theta (the numbers of
 round 3 in EXPERIMENTS.md):
 
-    python docs/demo/rope_wavelengths.py
+    python experiments/demo/rope_wavelengths.py
 """
 
 from __future__ import annotations

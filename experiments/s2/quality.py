@@ -12,7 +12,7 @@ reach the perplexity of the same fine-tune with full attention (LongLoRA's claim
 
 Usage (one thread; 40 minutes on the shared 2-core machine of the committed run, load average ~10):
 
-    OMP_WAIT_POLICY=PASSIVE python docs/s2/quality.py --out docs/s2
+    OMP_WAIT_POLICY=PASSIVE python experiments/s2/quality.py --out experiments/s2
 """
 
 from __future__ import annotations

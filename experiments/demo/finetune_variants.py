@@ -7,7 +7,7 @@ without / with fine-tuning). ``--eval-every N`` prints passkey accuracy at L and
 ``--set`` applies on top of :data:`ROUND2`, the demo's defaults of rounds 1-2 (rope_theta 500, ...), so that the
 commands of EXPERIMENTS.md still reproduce I1-I6 now that the demo's defaults changed (round 3).
 
-    OMP_WAIT_POLICY=PASSIVE python docs/demo/finetune_variants.py --arms pi-ft,direct-ft \\
+    OMP_WAIT_POLICY=PASSIVE python experiments/demo/finetune_variants.py --arms pi-ft,direct-ft \\
         --set finetune_steps=240 --set lora_r=64 --set finetune_lr=0.002
 """
 

@@ -1,4 +1,4 @@
-"""Round 3 of ``docs/demo/EXPERIMENTS.md``: rope_theta x passkey documents in fine-tuning x arms, with the demo's code.
+"""Round 3 of ``experiments/demo/EXPERIMENTS.md``: rope_theta x passkey documents in fine-tuning x arms (demo code).
 
 Each ``run`` pretrains (or loads) the demo's base for one ``rope_theta`` with the demo's defaults, evaluates the
 untrained arms (``extrapolation``, ``pi``) once, then fine-tunes each arm for each ``--passkey-max`` setting (``L``:
@@ -9,9 +9,9 @@ EXPERIMENTS.md from those files. Bases are cached in ``--cache-dir`` (the demo's
 ``pi-peft demo`` reuses the rope_theta 10000 base).
 
     export OMP_WAIT_POLICY=PASSIVE
-    python docs/demo/round3.py run --theta 10000 --out docs/demo/round3 &   # 1 thread each, two at a time
-    python docs/demo/round3.py run --theta 500 --out docs/demo/round3 &
-    python docs/demo/round3.py report docs/demo/round3
+    python experiments/demo/round3.py run --theta 10000 --out experiments/demo/round3 &  # 1 thread each, two at a time
+    python experiments/demo/round3.py run --theta 500 --out experiments/demo/round3 &
+    python experiments/demo/round3.py report experiments/demo/round3
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run")
     p.add_argument("--theta", type=float, required=True)
-    p.add_argument("--out", default="docs/demo/round3")
+    p.add_argument("--out", default="experiments/demo/round3")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--passkey-max", default="L,4L", help="fine-tuning passkey documents up to L, 4L or both")
     p.add_argument("--threads", type=int, default=1)
@@ -162,7 +162,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a DemoConfig field")
     p.add_argument("--cache-dir", default=demo.default_cache_dir())
     p = sub.add_parser("report")
-    p.add_argument("dir", nargs="?", default="docs/demo/round3")
+    p.add_argument("dir", nargs="?", default="experiments/demo/round3")
     p.add_argument("--demo-json", default=None, help="also report the cells of a `pi-peft demo` run (its demo.json)")
     args = parser.parse_args()
     run(args) if args.command == "run" else report(args)
