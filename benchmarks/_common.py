@@ -35,8 +35,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-# RSS, its high-water mark and torch's allocation peak: shared with `pi-peft estimate`'s check (`pi_peft.measure`)
-from pi_peft.measure import current_rss, peak_rss, reset_peak_rss, run_json_subprocess, torch_alloc_peak  # noqa: F401
+# RSS, its high-water mark and torch's allocation peak: shared with `pi-peft estimate`'s check
+# (`pi_peft.training.measure`)
+from pi_peft.training.measure import current_rss, peak_rss, reset_peak_rss, run_json_subprocess, torch_alloc_peak  # noqa: F401
 
 # the project's one Markdown-table and one atomic-write helper (`markdown_table` re-exported for the scripts)
 from pi_peft.utils import atomic_write_text, markdown_table  # noqa: F401
@@ -89,7 +90,7 @@ CONFIG_HELP = {
     "plain": "transformers `rope_parameters` + peft `LoraConfig` with the same adapter as (b), defaults for the "
     "rest: attention as transformers picks it, `model(input_ids, labels=...).loss` (full fp32 logits), "
     "no gradient checkpointing",
-    "pi_peft": "pi_peft's recipe defaults: `PIConfig` from `pi_peft.train.make_pi_config` with the recipe's "
+    "pi_peft": "pi_peft's recipe defaults: `PIConfig` from `pi_peft.training.sft.make_pi_config` with the recipe's "
     "default arguments, `attn_implementation()`, `apply_memory_savers` (non-reentrant gradient checkpointing), "
     "`fused_causal_lm_loss` (no full logits; on CPU its `auto` backend is pi_peft's own chunked loss)",
     "pi_peft_tiled": "(b) + `apply_memory_savers(model, tiled_mlp=True)`: every MLP over sequence tiles with its "
@@ -139,9 +140,9 @@ def machine_line(info: dict[str, Any]) -> str:
 
 # ---- configurations ----------------------------------------------------------------------------------------------
 def recipe_lora_kwargs() -> dict[str, Any]:
-    """The LoRA settings and LongLoRA switches of pi_peft's training recipe: the defaults of `pi_peft.train`'s
+    """The LoRA settings and LongLoRA switches of pi_peft's training recipe: the defaults of `pi_peft.training.sft`'s
     `PIModelConfig` (trl's `ModelConfig` with pi_peft's QLoRA defaults) and `PIArguments`."""
-    from pi_peft.train import PIArguments, PIModelConfig
+    from pi_peft.training.sft import PIArguments, PIModelConfig
 
     model_args, pi_args = PIModelConfig(), PIArguments()
     targets = model_args.lora_target_modules
@@ -193,11 +194,11 @@ def build(config: str, dims: dict[str, Any], context_length: int, seed: int = 0,
         model = get_peft_model(model, lora)
         return model.train(), _default_loss
     if config in ("pi_peft", "pi_peft_tiled"):
-        from pi_peft.losses import fused_causal_lm_loss
-        from pi_peft.memory import apply_memory_savers, attn_implementation
+        from pi_peft.ops.losses import fused_causal_lm_loss
+        from pi_peft.training.memory import apply_memory_savers, attn_implementation
 
         model = AutoModelForCausalLM.from_config(model_config, attn_implementation=attn_implementation("cpu"))
-        from pi_peft.train import PIArguments, PIModelConfig, make_pi_config
+        from pi_peft.training.sft import PIArguments, PIModelConfig, make_pi_config
 
         pi_config = make_pi_config(PIModelConfig(), PIArguments(scaling_factor=factor), model.config)
         model = get_peft_model(model, pi_config)
@@ -228,7 +229,7 @@ def _trl_trainer(model, lora, dims: dict[str, Any], context_length: int):
     args = SFTConfig(output_dir=out, max_length=context_length, max_steps=1, per_device_train_batch_size=1,
                      report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,
                      dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
-    from pi_peft.tiny import train_tokenizer
+    from pi_peft.testing import train_tokenizer
 
     tokenizer = train_tokenizer(["the data is already token ids"], vocab_size=300)  # only for padding
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, peft_config=lora, processing_class=tokenizer)
@@ -279,10 +280,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import transformers  # noqa: F401
 
     import pi_peft  # noqa: F401
-    import pi_peft.losses
-    import pi_peft.train  # noqa: F401
+    import pi_peft.ops.losses
+    import pi_peft.training.sft  # noqa: F401
 
-    pi_peft.losses.available_loss_backends()  # imports trl's loss kernel now, so that the import is not in the step
+    # imports trl's loss kernel now, so that the import is not in the step
+    pi_peft.ops.losses.available_loss_backends()
     threads = int(spec.get("threads", 0)) or os.cpu_count()
     torch.set_num_threads(threads)
     dims = spec.get("dims") or bench_dims(bool(spec.get("smoke")))

@@ -1,4 +1,4 @@
-"""`pi-peft estimate` (`pi_peft.estimate.estimate_memory`) vs the peaks measured by `memory_vs_context.py`.
+"""`pi-peft estimate` (`pi_peft.training.estimate.estimate_memory`) vs the peaks measured by `memory_vs_context.py`.
 
     python benchmarks/estimator_accuracy.py --from-json benchmarks/results/memory_vs_context.json
 
@@ -62,13 +62,13 @@ def load_runs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str,
 
 def estimate_for(run: dict[str, Any]):
     """`estimate_memory` with the settings of a measured run (see the module docstring)."""
-    from pi_peft.estimate import estimate_memory
+    from pi_peft.training.estimate import estimate_memory
 
     plain = run["config"] == "plain"
     lora = run["lora"]
     backend = (run.get("loss_kwargs") or {}).get("backend", "auto")
     if backend == "auto":  # what `fused_causal_lm_loss` picked on this CPU
-        from pi_peft.losses import available_loss_backends
+        from pi_peft.ops.losses import available_loss_backends
 
         backend = available_loss_backends("cpu")[0]
     if run["config"] == "trl":

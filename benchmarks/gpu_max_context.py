@@ -3,15 +3,17 @@
     python benchmarks/gpu_max_context.py --model meta-llama/Llama-2-7b-hf --load-in-4bit --gpu-gb 24
     python benchmarks/gpu_max_context.py --model bench --gpu-gb 8     # the CPU benchmarks' Llama, nothing downloaded
 
-The base is loaded as the recipe loads it (`pi_peft.train.quantization_config`: NF4 with double quantisation and bf16
+The base is loaded as the recipe loads it (`pi_peft.training.sft.quantization_config`: NF4 with double quantisation
+and bf16
 compute with `--load-in-4bit`, else bf16), with `attn_implementation()`. The adapter is the recipe's default
-`PIConfig` (`pi_peft.train.make_pi_config`), the memory savers are `apply_memory_savers`, the loss is
+`PIConfig` (`pi_peft.training.sft.make_pi_config`), the memory savers are `apply_memory_savers`, the loss is
 `fused_causal_lm_loss` and the optimizer AdamW: the same training step as configuration (b) of
 `memory_vs_context.py`. For each candidate context T one step runs on one sequence of T random tokens, and T fits when
 the step finishes within the budget: the allocator is capped at `--gpu-gb` GiB
 (`torch.cuda.set_per_process_memory_fraction`), so a step that would need more fails with an out-of-memory error.
 The search doubles T from `--start` until a step fails, then bisects down to `--multiple-of` tokens. It prints every
-step's `torch.cuda.max_memory_allocated`, the largest trainable context, and `pi_peft.estimate`'s prediction for the
+step's `torch.cuda.max_memory_allocated`, the largest trainable context, and `pi_peft.training.estimate`'s prediction
+for the
 same settings beside it.
 
 On a machine without CUDA it exits with status 2 and says so.
@@ -95,8 +97,8 @@ def load_model(args: argparse.Namespace):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from pi_peft.memory import apply_memory_savers, attn_implementation
-    from pi_peft.train import PIArguments, PIModelConfig, make_pi_config, quantization_config
+    from pi_peft.training.memory import apply_memory_savers, attn_implementation
+    from pi_peft.training.sft import PIArguments, PIModelConfig, make_pi_config, quantization_config
 
     model_args = PIModelConfig(model_name_or_path=args.model, load_in_4bit=args.load_in_4bit)
     attn = attn_implementation("cuda")
@@ -124,7 +126,7 @@ def make_fits(model) -> tuple[Callable[[int], bool], dict[int, int]]:
     """`fits(T)`: one training step at T tokens completes; its `max_memory_allocated` goes into the dict."""
     import torch
 
-    from pi_peft.losses import fused_causal_lm_loss
+    from pi_peft.ops.losses import fused_causal_lm_loss
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
     vocab = model.get_base_model().config.vocab_size
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print(NO_CUDA_MESSAGE.format(torch=torch.__version__), file=sys.stderr)
         return 2
-    from pi_peft.estimate import estimate_memory, load_model_config, max_context
+    from pi_peft.training.estimate import estimate_memory, load_model_config, max_context
 
     total = torch.cuda.get_device_properties(0).total_memory
     gpu_gb = args.gpu_gb or total / GIB

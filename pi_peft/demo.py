@@ -227,14 +227,16 @@ def train(
     return losses
 
 
-def pi_adapter(base, cfg: DemoConfig, scaling_factor: float):
-    """The demo's adapter through pi_peft's real path: LoRA on all linear layers + embeddings + norms."""
+def pi_adapter(base, cfg: DemoConfig, scaling_factor: float, rope_type: str = "linear"):
+    """The demo's adapter through pi_peft's real path: LoRA on all linear layers + embeddings + norms (on a copy of
+    ``base``); ``rope_type`` other than PI's ``"linear"`` for the variants of ``experiments/demo``."""
     from peft import get_peft_model
 
     from . import PIConfig
 
     config = PIConfig(
         scaling_factor=scaling_factor,
+        rope_type=rope_type,
         r=cfg.lora_r,
         lora_alpha=2 * cfg.lora_r,
         target_modules="all-linear",
@@ -373,7 +375,7 @@ def claims(results: dict, cfg: DemoConfig) -> dict[str, bool]:
 def prepare_data(cfg: DemoConfig, rng: random.Random) -> dict:
     """Tokenizer (trained on the pretraining mix), the training token stream and the held-out stream."""
     from .evaluation.passkey import build_prompt, random_key
-    from .tiny import train_tokenizer
+    from .testing import train_tokenizer
 
     texts = stdlib_files(cfg.corpus_chars, cfg.seed)
     train_texts = [t for i, t in enumerate(texts) if i % cfg.heldout_every]

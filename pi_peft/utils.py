@@ -1,8 +1,11 @@
-"""Small helpers shared across pi_peft: atomic writes (complete or absent) and Markdown tables."""
+"""Small helpers shared across pi_peft: atomic writes (complete or absent), the one JSON writer, the one positive-int
+check, Markdown tables."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -94,3 +97,39 @@ def markdown_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def is_kbit_model(model: Any) -> bool:
+    """Whether ``model`` (or the base model under a peft wrapper) was loaded in 4 or 8 bit."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def is_positive_int(value: Any) -> bool:
+    """``value`` is an ``int`` (not a ``bool``) greater than 0."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_positive_int(name: str, value: Any, what: str = "", fix: str = "") -> int:
+    """``value`` if it is a positive int, else ``ValueError("`name` must be a positive int (what), got value. fix")``:
+    the one check behind every count, length and size pi_peft accepts."""
+    if not is_positive_int(value):
+        detail = f" ({what})" if what else ""
+        raise ValueError(f"`{name}` must be a positive int{detail}, got {value!r}.{' ' + fix if fix else ''}")
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: PathLike, payload: Any) -> None:
+    """``payload`` as indented JSON, atomically (complete or absent); NaN -> null and +-inf -> "inf"/"-inf", so the
+    file is strict JSON. The one JSON writer of pi_peft's results."""
+    atomic_write_text(path, json.dumps(_json_safe(payload), indent=2) + "\n")

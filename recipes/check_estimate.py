@@ -6,7 +6,8 @@ python recipes/check_estimate.py            # measured vs estimated: prints a ma
 python recipes/check_estimate.py --headers  # rewrite the "Estimated peak GPU memory" lines of recipes/*.yaml
 ```
 
-The check trains tiny Llama configs on CPU (fp32 LoRA steps, `pi_peft.measure.measure_cpu_peak`): the peak RSS of a
+The check trains tiny Llama configs on CPU (fp32 LoRA steps, `pi_peft.training.measure.measure_cpu_peak`): the peak
+RSS of a
 fresh subprocess minus its RSS after the imports, at several context lengths, untiled and with the sequence-tiled
 MLP (`tiled_mlp=True`) on an MLP-heavy config, and with LoRA dropout.
 """
@@ -15,8 +16,8 @@ import argparse
 import glob
 import os
 
-from pi_peft.estimate import GIB, estimate_memory, recipe_row
-from pi_peft.measure import measure_cpu_peak
+from pi_peft.training.estimate import GIB, estimate_memory, recipe_row
+from pi_peft.training.measure import measure_cpu_peak
 
 CONFIGS = {
     "h128-L2-V2048": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
@@ -54,7 +55,7 @@ def check() -> None:
 
 
 def header_lines(path: str) -> list[str]:
-    """The two estimate lines of a recipe's header, from `pi_peft.estimate.recipe_row`."""
+    """The two estimate lines of a recipe's header, from `pi_peft.training.estimate.recipe_row`."""
     row = recipe_row(path)
     e, name = row["estimate"], os.path.basename(path)
     gib = lambda x: f"{x / GIB:.1f}"  # noqa: E731

@@ -17,7 +17,7 @@ Arguments: trl's `ScriptArguments` (dataset), `SFTConfig` (training; `max_length
 """
 
 from pi_peft.cli.train import parse_train_args
-from pi_peft.train import main
+from pi_peft.training.sft import main
 
 if __name__ == "__main__":
     main(*parse_train_args())

@@ -11,7 +11,7 @@ CORPUS = [TASK_DESCRIPTION, FILLER * 20, needle("12345"), QUESTION, "def f(x):\n
 
 @pytest.fixture(scope="session")
 def eval_tokenizer():
-    from pi_peft.tiny import train_tokenizer
+    from pi_peft.testing import train_tokenizer
 
     return train_tokenizer(CORPUS * 5, vocab_size=400)
 
@@ -19,7 +19,7 @@ def eval_tokenizer():
 @pytest.fixture(scope="session")
 def eval_checkpoint(tmp_path_factory, eval_tokenizer):
     """A tiny Llama saved with the tokenizer above, usable as ``--model PATH``."""
-    from pi_peft.tiny import save_tiny_checkpoint
+    from pi_peft.testing import save_tiny_checkpoint
 
     path = tmp_path_factory.mktemp("eval-tiny")
     save_tiny_checkpoint(path, "llama", seed=0, tokenizer=eval_tokenizer)

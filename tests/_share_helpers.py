@@ -8,7 +8,7 @@ import torch
 from peft import get_peft_model
 
 import pi_peft
-from pi_peft.tiny import save_tiny_checkpoint, train_tokenizer
+from pi_peft.testing import save_tiny_checkpoint, train_tokenizer
 
 L = 64  # original window of the tiny models
 TEXTS = ["The pass key is 12345. Remember it. The grass is green. The sky is blue."] * 20

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import random
 
-from pi_peft.data import write_jsonl
-from pi_peft.tiny import save_tiny_checkpoint, train_tokenizer
+from pi_peft.testing import save_tiny_checkpoint, train_tokenizer
+from pi_peft.training.data import write_jsonl
 
 WORDS = "the a river stone light old house road winter letter garden morning city window quiet story".split()
 
@@ -33,7 +33,7 @@ def tiny_sft_trainer(tmp_path, tokenizer, peft_config, train_dataset, *, eval_da
     override `SFTConfig` (e.g. `max_steps`, `max_length`, `packing`)."""
     from trl import SFTConfig, SFTTrainer
 
-    from pi_peft.tiny import tiny_model
+    from pi_peft.testing import tiny_model
 
     defaults = dict(per_device_train_batch_size=2, use_cpu=True, bf16=False, report_to="none", save_strategy="no")
     return SFTTrainer(

@@ -7,9 +7,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import pi_peft  # noqa: E402,F401  (registers the PI method)
-from pi_peft.tiny import save_tiny_checkpoint, tiny_model  # noqa: E402
+from pi_peft.testing import save_tiny_checkpoint, tiny_model  # noqa: E402
 
-L = 64  # original window of every tiny model (pi_peft.tiny.TINY_DIMS)
+L = 64  # original window of every tiny model (pi_peft.testing.TINY_DIMS)
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer (one token per digit) trained on a few sentences; ~300 tokens."""
-    from pi_peft.tiny import train_tokenizer
+    from pi_peft.testing import train_tokenizer
 
     text = "The grass is green. The sky is blue. The sun is yellow. The pass key is 12345. Remember it. " * 20
     return train_tokenizer([text], vocab_size=300)

@@ -2,8 +2,8 @@ import pytest
 from _train_helpers import documents, make_jsonl
 from datasets import Dataset
 
-from pi_peft.data import detect_mode, load_raw_dataset, pack_documents, prepare_train_dataset
-from pi_peft.tiny import train_tokenizer
+from pi_peft.testing import train_tokenizer
+from pi_peft.training.data import detect_mode, load_raw_dataset, pack_documents, prepare_train_dataset
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,10 @@ def test_detect_mode_and_sft_pass_through(tokenizer):
         detect_mode(Dataset.from_dict({"body": ["x"]}))
     with pytest.raises(ValueError, match="`data_mode`.*'fancy'"):
         prepare_train_dataset(chat, tokenizer, 1024, mode="fancy")
+
+
+def test_missing_data_file_is_named(tmp_path):
+    from pi_peft.training.data import load_raw_dataset
+
+    with pytest.raises(ValueError, match=r"`data_files`: no such file\(s\) \['.*missing.jsonl'\]"):
+        load_raw_dataset(data_files=[str(tmp_path / "missing.jsonl")])

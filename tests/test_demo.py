@@ -167,7 +167,7 @@ def test_full_finetuning_arms_are_plain_models_with_the_arm_rope():
 
 def test_split_digits_off_merges_digits_and_changes_the_cache_key():
     """``split_digits=False`` (round 4) lets BPE merge digit runs; the base cache key tells the two apart."""
-    from pi_peft.tiny import train_tokenizer
+    from pi_peft.testing import train_tokenizer
 
     rng = random.Random(0)
     texts = [f"The pass key is {rng.randint(10000, 99999)}. Remember it." for _ in range(400)]
@@ -191,7 +191,7 @@ def test_finetune_passkey_documents_span_the_extended_window_by_default():
 def test_passkey_answers_are_not_cut_when_keys_tokenize_unequally():
     """With merged digits, keys differ in token count; every answer gets room for its longest key."""
     from pi_peft.evaluation.passkey import evaluate_passkey, random_key
-    from pi_peft.tiny import train_tokenizer
+    from pi_peft.testing import train_tokenizer
 
     first_key = random_key(random.Random(0))  # the first key evaluate_passkey(seed=0) draws becomes one token
     rng = random.Random(1)

@@ -5,8 +5,8 @@ import re
 import pytest
 
 from pi_peft.cli.estimate import cli_main
-from pi_peft.estimate import GIB, estimate_memory, max_context, recipe_row
-from pi_peft.measure import measure_cpu_peak
+from pi_peft.training.estimate import GIB, estimate_memory, max_context, recipe_row
+from pi_peft.training.measure import measure_cpu_peak
 
 LLAMA2 = "meta-llama/Llama-2-7b-hf"
 RECIPES = sorted(glob.glob("recipes/*.yaml"))
@@ -90,8 +90,8 @@ def test_estimate_matches_measured_cpu_peak_rss():
 def test_estimator_chunk_default_matches_the_loss_default():
     import inspect
 
-    from pi_peft.estimate import estimate_memory
-    from pi_peft.losses import DEFAULT_CHUNK_TOKENS
+    from pi_peft.ops.losses import DEFAULT_CHUNK_TOKENS
+    from pi_peft.training.estimate import estimate_memory
 
     assert inspect.signature(estimate_memory).parameters["loss_chunk_tokens"].default == DEFAULT_CHUNK_TOKENS
 
@@ -143,7 +143,7 @@ def test_bad_tiling_input_names_the_field():
 
 
 def test_estimator_auto_tile_is_the_one_training_uses():
-    from pi_peft.memory import auto_tile_tokens
+    from pi_peft.ops.tiled_mlp import auto_tile_tokens
 
     for T in (4096, 50_000, 100_000):
         assert estimate_memory(LLAMA2, T, tiled_mlp=True).tile_tokens == auto_tile_tokens(T, 4096)

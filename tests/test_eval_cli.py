@@ -10,7 +10,7 @@ from pi_peft import PIConfig
 from pi_peft.cli import main as pi_peft_main
 from pi_peft.cli.eval import cli_main
 from pi_peft.evaluation.run import parse_model_spec
-from pi_peft.tiny import tiny_model
+from pi_peft.testing import tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

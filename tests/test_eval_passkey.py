@@ -15,7 +15,7 @@ from pi_peft.evaluation.passkey import (
     fit_prompt,
     token_length,
 )
-from pi_peft.tiny import tiny_model
+from pi_peft.testing import tiny_model
 
 EXPECTED = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

@@ -7,7 +7,7 @@ from peft import get_peft_model
 
 from pi_peft import PIConfig
 from pi_peft.evaluation.perplexity import evaluate_perplexity, perplexity_by_length, window_spans
-from pi_peft.tiny import tiny_model
+from pi_peft.testing import tiny_model
 
 
 def test_window_spans_non_overlapping_and_sliding():

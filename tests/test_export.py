@@ -10,10 +10,13 @@ import textwrap
 import pytest
 import torch
 from _share_helpers import L, load_base, make_adapter, make_base
+from peft import get_peft_model
 
+from pi_peft import PIConfig
 from pi_peft.cli import main as pi_peft_main
 from pi_peft.cli.export import cli_main
-from pi_peft.export import export_lora, export_merged
+from pi_peft.sharing.export import export_lora, export_merged
+from pi_peft.testing import tiny_model
 
 # Runs in a fresh interpreter that never imports pi_peft: loads every exported model the way a user without pi_peft
 # would, and also tries to load the original PI adapter with plain peft.
@@ -232,3 +235,16 @@ def test_cli(exported, tmp_path, capsys):
     assert "pi-peft export: error:" in capsys.readouterr().err
     assert cli_main(["merged", str(exported["root"] / "pi"), str(tmp_path / "m"), "--dtype", "float16"]) == 0
     assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_export_never_overwrites_its_own_adapter(tmp_path):
+    from pi_peft.sharing.export import export_lora
+
+    adapter = tmp_path / "a"
+    get_peft_model(tiny_model(), PIConfig(scaling_factor=4.0, target_modules=["q_proj"])).save_pretrained(adapter)
+    before = sorted(p.name for p in adapter.iterdir())
+    for output in (adapter, tmp_path):
+        with pytest.raises(ValueError, match=r"`output`=.* would overwrite the adapter"):
+            export_lora(adapter, output, overwrite=True)
+    assert sorted(p.name for p in adapter.iterdir()) == before
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "PI"

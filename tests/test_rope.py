@@ -5,8 +5,8 @@ import torch
 from peft import get_peft_model
 
 from pi_peft import PIConfig, pi_inv_freq, rope_cos_sin, scaled_rope_parameters, set_rope_parameters
-from pi_peft.rope import rope_parameters_of, rotary_embeddings
-from pi_peft.tiny import FAMILIES, tiny_config, tiny_model
+from pi_peft.rope import ROPE_TYPES, rope_parameters_of, rotary_embeddings
+from pi_peft.testing import FAMILIES, tiny_config, tiny_model
 
 L = 64
 
@@ -212,3 +212,8 @@ def test_family_whose_config_refuses_the_rope_type_gets_a_clear_error():
     ):
         get_peft_model(model, PIConfig(scaling_factor=4.0, target_modules="all-linear"))
     assert model.config.rope_parameters == before and model.config.max_position_embeddings == 64
+
+
+def test_dynamic_caveat_is_documented_where_dynamic_is_offered():
+    assert "KV cache" in ROPE_TYPES["dynamic"].note
+    assert "KV cache" in " ".join(PIConfig.__doc__.split())

@@ -12,8 +12,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 import pi_peft
-from pi_peft import s2_attn
-from pi_peft.tiny import tiny_model
+from pi_peft.ops import s2_attn
+from pi_peft.testing import tiny_model
 
 
 # ---- the independent reference: eager softmax with the rule's (T x T) masks -----------------------------------------
@@ -403,7 +403,7 @@ def test_flash_attention_path_equals_reference():
 # ---- estimate and benchmark ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seq_len,ratio", [(64, 0.25), (37, 0.25), (100, 0.3), (16, 1.0)])
 def test_pair_count_matches_the_rule(seq_len, ratio):
-    from pi_peft.estimate import causal_attention_pairs
+    from pi_peft.training.estimate import causal_attention_pairs
 
     mask = reference_mask(2, seq_len, ratio)[0]  # head 0 unshifted, head 1 shifted
     assert causal_attention_pairs(seq_len, ratio) == int(mask.sum()) // 2
@@ -411,7 +411,7 @@ def test_pair_count_matches_the_rule(seq_len, ratio):
 
 
 def test_training_flops_s2_term():
-    from pi_peft.estimate import KNOWN_CONFIGS, training_flops
+    from pi_peft.training.estimate import KNOWN_CONFIGS, training_flops
 
     config = KNOWN_CONFIGS["meta-llama/Llama-2-7b-hf"]
     full, s2 = training_flops(config, 32768), training_flops(config, 32768, s2_group_size_ratio=0.25)
@@ -529,7 +529,7 @@ def test_eager_model_trains_with_s2_on_sdpa_and_evaluates_eagerly():
 
 def test_estimate_cli_prints_s2_compute(capsys):
     from pi_peft.cli import main
-    from pi_peft.estimate import training_flops
+    from pi_peft.training.estimate import training_flops
 
     argv = ["estimate", "meta-llama/Llama-2-7b-hf", "--context-length", "32768", "--s2-group-size-ratio", "0.25"]
     assert main([*argv, "--json"]) == 0

@@ -8,15 +8,15 @@ import torch
 from peft import get_peft_model, get_peft_model_state_dict
 
 from pi_peft import PIConfig
-from pi_peft.memory import (
+from pi_peft.ops.tiled_mlp import (
     MIN_TILE_TOKENS,
-    apply_memory_savers,
     apply_tiled_mlp,
     auto_tile_tokens,
     find_mlp_modules,
     remove_tiled_mlp,
 )
-from pi_peft.tiny import tiny_model
+from pi_peft.testing import tiny_model
+from pi_peft.training.memory import apply_memory_savers
 
 TILE = 16
 IDS = torch.randint(0, 128, (2, 100), generator=torch.Generator().manual_seed(1))  # 100 tokens: 6 full tiles + 4

@@ -13,11 +13,12 @@ from _train_helpers import make_jsonl, make_tiny_llama
 from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 
-import pi_peft.train
+import pi_peft.training.sft
+from pi_peft.cli import main as pi_peft_main
 from pi_peft.cli.train import cli_main, parse_train_args
-from pi_peft.estimate import KNOWN_CONFIGS
-from pi_peft.memory import fix_bnb_cpu_repack
-from pi_peft.train import main, make_pi_config
+from pi_peft.ops.bnb import fix_bnb_cpu_repack
+from pi_peft.training.estimate import KNOWN_CONFIGS
+from pi_peft.training.sft import main, make_pi_config
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "train.py")
 
@@ -76,8 +77,8 @@ def test_train_lora_end_to_end_and_load_back_with_pi(assets, tmp_path):
 def test_recipe_script_qlora_end_to_end(assets, tmp_path, monkeypatch):
     out = tmp_path / "qlora"
     captured = {}
-    real_main = pi_peft.train.main
-    monkeypatch.setattr(pi_peft.train, "main", lambda *args: captured.setdefault("trainer", real_main(*args)))
+    real_main = pi_peft.training.sft.main
+    monkeypatch.setattr(pi_peft.training.sft, "main", lambda *args: captured.setdefault("trainer", real_main(*args)))
     argv = _argv(assets, out, "--load_in_4bit", "--dtype", "bfloat16")  # QLoRA: NF4 + bf16 compute, as on a GPU
     monkeypatch.setattr(sys, "argv", ["recipes/train.py", *argv])
     runpy.run_path(RECIPE, run_name="__main__")
@@ -87,7 +88,7 @@ def test_recipe_script_qlora_end_to_end(assets, tmp_path, monkeypatch):
 
     from transformers import AutoModelForCausalLM
 
-    from pi_peft.train import PIModelConfig, quantization_config
+    from pi_peft.training.sft import PIModelConfig, quantization_config
 
     base = AutoModelForCausalLM.from_pretrained(
         assets.model, quantization_config=quantization_config(PIModelConfig(load_in_4bit=True)),
@@ -102,7 +103,7 @@ def test_recipe_script_qlora_end_to_end(assets, tmp_path, monkeypatch):
 
 
 def test_max_length_defaults_to_the_target_and_cannot_exceed_it():
-    from pi_peft.train import training_window
+    from pi_peft.training.sft import training_window
 
     assert training_window(None, 16384) == 16384 and training_window(4096, 16384) == 4096
     with pytest.raises(ValueError, match="`max_length`=32768 is longer than the extended window"):
@@ -117,7 +118,7 @@ def test_qlora_needs_bf16_compute(assets, tmp_path):
 def test_sft_chat_data_trains_with_the_target_window(assets, tmp_path):
     from transformers import AutoTokenizer
 
-    from pi_peft.data import write_jsonl
+    from pi_peft.training.data import write_jsonl
 
     model_dir = tmp_path / "chat-model"
     shutil.copytree(assets.model, model_dir)
@@ -156,3 +157,45 @@ def test_recipe_yamls_parse_with_trl_parser(name, factor, original):
     config = make_pi_config(model, pi, base)
     assert (config.scaling_factor, config.original_context_length) == (factor, original)
     assert config.target_modules == "all-linear"
+
+
+def test_train_options_are_derived_from_piconfig():
+    from pi_peft.cli.train import parse_train_args
+    from pi_peft.training.sft import PIArguments, make_pi_config, pi_config_fields
+
+    assert {f.name for f in pi_config_fields()} <= set(PIArguments.__dataclass_fields__)
+    argv = ["--model_name_or_path", "x", "--context_length", "256", "--rope_type", "yarn", "--beta_fast", "16"]
+    argv += ["--use_cpu", "--bf16", "false", "--no-train-norms", "--learning-rate=1e-4"]  # dashed and negated forms
+    script, training, model, pi = parse_train_args(argv)
+    assert (pi.rope_type, pi.beta_fast, pi.train_norms, training.learning_rate) == ("yarn", 16.0, False, 1e-4)
+    config = make_pi_config(model, pi, type("C", (), {"max_position_embeddings": 64})())
+    assert (config.rope_type, config.beta_fast, config.scaling_factor) == ("yarn", 16.0, 4.0)
+
+
+def test_train_help_puts_pi_options_first_and_hides_what_does_not_apply(capsys):
+    assert pi_peft_main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.index("--config") < text.index("--context_length") < text.index("--learning_rate")
+    assert "--use_peft" not in text and "--load_in_8bit" not in text
+    assert len(text.splitlines()) < 200 and "--help-all" in text
+    assert pi_peft_main(["train", "--help-all"]) == 0
+    everything = capsys.readouterr().out
+    assert "--lr_scheduler_type" in everything and "--use_peft" not in everything
+
+
+def test_pi_peft_train_arguments_use_current_checkpointing_names():
+    import warnings
+
+    from pi_peft.cli.train import parse_train_args
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        script, training, model, pi = parse_train_args(["--model_name_or_path", "x", "--use_cpu", "--bf16", "false"])
+    assert training.activation_checkpointing and training.activation_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_train_refuses_to_write_into_its_base_model(tmp_path, tiny_checkpoint, capsys):
+    argv = ["train", "--model_name_or_path", tiny_checkpoint, "--output_dir", tiny_checkpoint]
+    argv += ["--scaling_factor", "2", "--use_cpu", "--bf16", "false", "--dtype", "float32", "--data_files", "x.txt"]
+    assert pi_peft_main(argv) == 2
+    assert "`output_dir`=" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from trl import SFTTrainer
 
 from pi_peft.cli.train import parse_train_args
-from pi_peft.train import last_complete_checkpoint, main
+from pi_peft.training.sft import last_complete_checkpoint, main
 
 MAX_STEPS, SAVE_STEPS = 8, 2
 

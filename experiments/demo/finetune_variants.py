@@ -14,7 +14,6 @@ commands of EXPERIMENTS.md still reproduce I1-I6 now that the demo's defaults ch
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import os
@@ -23,10 +22,9 @@ import time
 from dataclasses import asdict, replace
 
 import torch
-from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from pi_peft import PIConfig, demo
+from pi_peft import demo
 from pi_peft.evaluation.passkey import evaluate_passkey
 
 # the demo's defaults when I1-I6 ran (before round 3 changed them)
@@ -69,16 +67,7 @@ def adapter(base, cfg: demo.DemoConfig, arm: str):
     kind = arm.removesuffix("-ft")
     if kind in ("pi", "direct"):
         return demo.pi_adapter(base, cfg, 1.0 if kind == "direct" else float(cfg.factor))
-    config = PIConfig(
-        scaling_factor=float(cfg.factor),
-        rope_type=kind,
-        r=cfg.lora_r,
-        lora_alpha=2 * cfg.lora_r,
-        target_modules="all-linear",
-        train_embeddings=True,
-        train_norms=True,
-    )
-    return get_peft_model(copy.deepcopy(base), config)
+    return demo.pi_adapter(base, cfg, float(cfg.factor), rope_type=kind)
 
 
 def finetune(model, cfg: demo.DemoConfig, data: dict, arm: str, eval_every: int) -> None:

@@ -64,7 +64,7 @@ QUICK_LEVELS = {"25%": (8, 4), "12%": (4, 2)}  # quick model: 4 heads x head_dim
 def mla_adapter(base, cfg, data, level, scaling_factor=1.0, calibration_batches=8, selection="2-norm"):
     from peft import get_peft_model
 
-    from pi_peft.mla import MLAConfig, initialize_mla_weights
+    from pi_peft.tuners.mla import MLAConfig, initialize_mla_weights
 
     kv_rank, rope_dims = level
     config = MLAConfig(

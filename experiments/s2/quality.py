@@ -2,7 +2,7 @@
 reach the perplexity of the same fine-tune with full attention (LongLoRA's claim, within 5 % at 4L)?
 
 1. Corpus: Python's standard-library sources (`pi_peft.demo.stdlib_files`), split by file into training and held-out
-   text; a byte-level BPE tokenizer (`pi_peft.tiny.train_tokenizer`).
+   text; a byte-level BPE tokenizer (`pi_peft.testing.train_tokenizer`).
 2. Pretrain a small Llama (the demo's size: hidden 128, 4 layers, 4 heads, vocab 1024) at L = 128 tokens.
 3. For each seed, two arms from the same base, the same adapter initialisation and the same batches: PI (factor 4)
    + LoRA (r 16, all linear layers) + trainable embeddings and norms (LongLoRA's setting), fine-tuned at 4L = 512
@@ -86,7 +86,7 @@ def main(argv=None):
 
     import pi_peft
     from pi_peft.demo import stdlib_files
-    from pi_peft.tiny import train_tokenizer
+    from pi_peft.testing import train_tokenizer
 
     started = time.time()
     texts = stdlib_files(args.corpus_chars, seed=0)

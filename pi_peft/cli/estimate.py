@@ -1,11 +1,12 @@
-"""`pi-peft estimate`: peak GPU memory of a PI (Q)LoRA training step from the model config (see `pi_peft.estimate`)."""
+"""`pi-peft estimate`: peak GPU memory of a PI (Q)LoRA training step from the model config (see
+`pi_peft.training.estimate`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from ..estimate import (
+from ..training.estimate import (
     ATTENTIONS,
     LOSSES,
     QUANTIZATIONS,
@@ -16,7 +17,7 @@ from ..estimate import (
     recipes_table,
     training_flops,
 )
-from ..estimate import __doc__ as _ESTIMATE_DOC
+from ..training.estimate import __doc__ as _ESTIMATE_DOC
 
 
 def _parser() -> argparse.ArgumentParser:

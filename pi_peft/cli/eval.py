@@ -38,7 +38,7 @@ import argparse
 from . import fraction, positive_int
 
 DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # pi_peft.loading.DTYPES, named without importing torch
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # pi_peft.sharing.loading.DTYPES, named without importing torch
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -75,11 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from ..evaluation.run import parse_model_spec, run_passkey, run_ppl
+    from ..evaluation.run import parse_model_spec, read_texts, run_passkey, run_ppl
 
     labels = [parse_model_spec(s)[0] for s in args.model]
     if len(set(labels)) != len(labels):
         raise ValueError(f"`--model` labels must be unique, got {labels}; use LABEL=PATH to name them.")
-    (run_passkey if args.task == "passkey" else run_ppl)(args)
+    common = dict(output_dir=args.output_dir, batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+    common.update(lengths=args.lengths, tokenizer=args.tokenizer)
+    if args.task == "passkey":
+        run_passkey(args.model, depths=args.depths, trials=args.trials, seed=args.seed, **common)
+    else:
+        source = dict(files=args.files, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split)
+        source["text_field"] = args.text_field
+        texts = read_texts(args.files, args.dataset, args.dataset_config, args.split, args.text_field)
+        run_ppl(
+            args.model,
+            texts=texts,
+            stride=args.stride,
+            loss_chunk_size=args.loss_chunk_size,
+            max_tokens=args.max_tokens,
+            concatenate=not args.no_concatenate,
+            source=source,
+            **common,
+        )
     print(f"Results written to {args.output_dir}/")
     return 0

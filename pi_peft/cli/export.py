@@ -1,4 +1,4 @@
-"""`pi-peft export merged|lora`: see `pi_peft.export`."""
+"""`pi-peft export merged|lora`: see `pi_peft.sharing.export`."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from ..export import export_lora, export_merged
+    from ..sharing.export import export_lora, export_merged
 
     common = dict(revision=args.revision, allow_pickle=args.allow_pickle, overwrite=args.overwrite)
     if args.kind == "merged":

@@ -1,4 +1,4 @@
-"""`pi-peft gguf-to-hf`: a GGUF file -> an ordinary transformers checkpoint folder; see `pi_peft.gguf`."""
+"""`pi-peft gguf-to-hf`: a GGUF file -> an ordinary transformers checkpoint folder; see `pi_peft.sharing.gguf`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from ..gguf import gguf_to_folder
+    from ..sharing.gguf import gguf_to_folder
 
     out = gguf_to_folder(
         args.gguf_file, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite

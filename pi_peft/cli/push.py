@@ -1,4 +1,4 @@
-"""`pi-peft push ADAPTER REPO_ID`: see `pi_peft.hub`."""
+"""`pi-peft push ADAPTER REPO_ID`: see `pi_peft.sharing.hub`."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from ..hub import push_adapter
+    from ..sharing.hub import push_adapter
 
     info = push_adapter(
         args.adapter,

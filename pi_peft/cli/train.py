@@ -1,4 +1,4 @@
-"""`pi-peft train [--config recipe.yaml] [options]`: the argument parsing of :mod:`pi_peft.train`.
+"""`pi-peft train [--config recipe.yaml] [options]`: the argument parsing of :mod:`pi_peft.training.sft`.
 
 ``--help`` shows pi_peft's own options and the common training options; ``--help-all`` lists every option of trl's
 ``ScriptArguments``, ``SFTConfig`` and ``ModelConfig`` as well. Options that do not apply to a PI adapter are hidden.
@@ -48,7 +48,7 @@ def make_parser():
     """trl's `TrlParser` over pi_peft's `PIArguments` (first) and trl's dataclasses."""
     from trl import ScriptArguments, TrlParser
 
-    from ..train import PIArguments, PIModelConfig, PITrainingConfig
+    from ..training.sft import PIArguments, PIModelConfig, PITrainingConfig
 
     parser = TrlParser((PIArguments, ScriptArguments, PITrainingConfig, PIModelConfig), prog="pi-peft train")
     for action in parser._actions:
@@ -104,7 +104,7 @@ def _check_recipe(path: str | None, known: set[str]) -> None:
 
 def format_help(parser, *, all_options: bool = False) -> str:
     """pi_peft's options and `--config` first, then the common trl options (or all of them)."""
-    from ..train import PIArguments
+    from ..training.sft import PIArguments
 
     pi_names = set(PIArguments.__dataclass_fields__)
     actions = [a for a in parser._actions if a.help != argparse.SUPPRESS and a.dest != "help"]
@@ -134,7 +134,7 @@ def cli_main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv or "--help-all" in argv:
         print(format_help(make_parser(), all_options="--help-all" in argv))
         return 0
-    from ..train import main
+    from ..training.sft import main
 
     main(*parse_train_args(argv))
     return 0

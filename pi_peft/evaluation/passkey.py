@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..utils import check_positive_int, is_positive_int
+
 TASK_DESCRIPTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there."
@@ -115,12 +117,11 @@ class PasskeyResult:
 
 
 def _check_grid(lengths: Sequence[int], depths: Sequence[float], trials: int) -> None:
-    if not lengths or any(not isinstance(n, int) or isinstance(n, bool) or n <= 0 for n in lengths):
+    if not lengths or not all(is_positive_int(n) for n in lengths):
         raise ValueError(f"`lengths` must be positive token counts, got {list(lengths)!r}.")
     if not depths:
         raise ValueError("`depths` must not be empty; e.g. [0.0, 0.25, 0.5, 0.75, 1.0].")
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials <= 0:
-        raise ValueError(f"`trials` must be a positive int (keys per cell), got {trials!r}.")
+    check_positive_int("trials", trials, "keys per cell")
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..losses import chunked_nll
+from ..ops.losses import chunked_nll
 
 
 @dataclass

@@ -5,28 +5,13 @@ Every file is written to a temporary name and moved into place with ``os.replace
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from .._version import __version__
-from ..utils import atomic_write_text, markdown_table
+from ..utils import atomic_write_text, markdown_table, write_json  # noqa: F401  (write_json: used by callers)
 
 SCHEMA_VERSION = 1
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_json(path: str | os.PathLike, payload: dict) -> None:
-    atomic_write_text(path, json.dumps(_json_safe(payload), indent=2) + "\n")
 
 
 def _fmt_ppl(value: float) -> str:

@@ -6,7 +6,7 @@ import glob
 import os
 import sys
 
-from ..loading import load_model, load_tokenizer
+from ..sharing.loading import load_model, load_tokenizer
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -68,62 +68,85 @@ def _tqdm(desc: str):
     return lambda it: tqdm(it, desc=desc, leave=False, file=sys.stderr)
 
 
-def run_passkey(args) -> dict:
+def run_passkey(
+    model_specs: list[str],
+    *,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    output_dir: str,
+    seed: int = 0,
+    batch_size: int = 1,
+    dtype: str = "auto",
+    device: str = "auto",
+    tokenizer: str | None = None,
+) -> dict:
+    """Passkey retrieval of each model (``"LABEL=PATH"`` or ``"PATH"``) on the same keys; writes ``output_dir``."""
     from .passkey import evaluate_passkey
     from .report import write_passkey_report
 
     models = {}
-    for spec in args.model:
+    for spec in model_specs:
         label, path = parse_model_spec(spec)
-        model = load_model(path, dtype=args.dtype, device=args.device)  # first: a wrong path is named as such
-        tokenizer = load_tokenizer(path, args.tokenizer)
+        model = load_model(path, dtype=dtype, device=device)  # first: a wrong path is named as such
         result = evaluate_passkey(
             model,
-            tokenizer,
-            args.lengths,
-            args.depths,
-            args.trials,
-            seed=args.seed,
-            batch_size=args.batch_size,
+            load_tokenizer(path, tokenizer),
+            lengths,
+            depths,
+            trials,
+            seed=seed,
+            batch_size=batch_size,
             progress=_tqdm(f"passkey {label}"),
         )
         models[label] = {"model": path, **result.to_dict()}
         print(f"{label}: accuracy by length {result.accuracy_by_length}, k_max {result.k_max}")
         del model
-    settings = {k: getattr(args, k) for k in ("lengths", "depths", "trials", "seed")}
-    return write_passkey_report(args.output_dir, models, settings)
+    settings = {"lengths": lengths, "depths": depths, "trials": trials, "seed": seed}
+    return write_passkey_report(output_dir, models, settings)
 
 
-def run_ppl(args) -> dict:
+def run_ppl(
+    model_specs: list[str],
+    *,
+    lengths: list[int],
+    texts: list[str],
+    output_dir: str,
+    stride: int | None = None,
+    batch_size: int = 1,
+    loss_chunk_size: int = 1024,
+    max_tokens: int | None = None,
+    concatenate: bool = True,
+    dtype: str = "auto",
+    device: str = "auto",
+    tokenizer: str | None = None,
+    source: dict | None = None,
+) -> dict:
+    """Sliding-window perplexity of each model on ``texts`` at each length; writes ``output_dir``. ``source``
+    (where the texts came from) is recorded in the report's settings."""
     from .perplexity import evaluate_perplexity
     from .report import write_ppl_report
 
-    texts = read_texts(args.files, args.dataset, args.dataset_config, args.split, args.text_field)
     models = {}
-    for spec in args.model:
+    for spec in model_specs:
         label, path = parse_model_spec(spec)
-        model = load_model(path, dtype=args.dtype, device=args.device)  # first: a wrong path is named as such
-        tokenizer = load_tokenizer(path, args.tokenizer)
-        docs = tokenize_documents(tokenizer, texts, not args.no_concatenate, args.max_tokens)
+        model = load_model(path, dtype=dtype, device=device)  # first: a wrong path is named as such
+        docs = tokenize_documents(load_tokenizer(path, tokenizer), texts, concatenate, max_tokens)
         results = []
-        for n in sorted(args.lengths):
-            stride = None if args.stride is None else min(args.stride, n)
+        for n in sorted(lengths):
+            window_stride = None if stride is None else min(stride, n)
             r = evaluate_perplexity(
-                model, docs, n, stride, args.batch_size, args.loss_chunk_size, progress=_tqdm(f"ppl {label} @ {n}")
+                model, docs, n, window_stride, batch_size, loss_chunk_size, progress=_tqdm(f"ppl {label} @ {n}")
             )
             results.append(r.to_dict())
             print(f"{label} @ {n}: ppl {r.ppl:.3f} ({r.tokens} tokens, {r.windows} windows)")
         models[label] = {"model": path, "results": results}
         del model
     settings = {
-        "lengths": args.lengths,
-        "stride": args.stride,
-        "files": args.files,
-        "dataset": args.dataset,
-        "dataset_config": args.dataset_config,
-        "split": args.split,
-        "text_field": args.text_field,
-        "max_tokens": args.max_tokens,
-        "concatenate": not args.no_concatenate,
+        "lengths": lengths,
+        "stride": stride,
+        **(source or {}),
+        "max_tokens": max_tokens,
+        "concatenate": concatenate,
     }
-    return write_ppl_report(args.output_dir, models, settings)
+    return write_ppl_report(output_dir, models, settings)

@@ -19,12 +19,12 @@ h, i, kv = hidden, intermediate and key/value width; n = layers; V = vocabulary)
                                                    (q/k/v/o/gate/up/down) and its 1-byte mask
                    + B*H*T^2*(a+4)  only for `attention="eager"` (scores and fp32 softmax); SDPA/FlashAttention are
                    O(T) in memory.
-                   With `tiled_mlp` (pi_peft.memory.apply_tiled_mlp) the MLP's `4*i` (and its dropout part `2*h + i`)
+                   With `tiled_mlp` (pi_peft.ops.tiled_mlp) the MLP's `4*i` (and its dropout part `2*h + i`)
                    are alive for one tile of t tokens only: B*t*(a*6*i + (a+1)*(2*h + i)) (the tile's gate/up/act/
                    product and their gradients), t = `tile_tokens` or the automatic tile (~max(h, 1024) tokens).
     logits/loss  = fused (trl's chunked LM head, used by SFTTrainer): one min(B*T, 4096) x min(V, 32768) tile in `a`
                    bytes + its fp32 gradient tile, + B*T*h*4 for the fp32 hidden-state gradient;
-                   chunked (`loss="chunked"`, pi_peft.losses' own): c x V x (4 + 4 + 4) for one chunk of c rows
+                   chunked (`loss="chunked"`, pi_peft.ops.losses' own): c x V x (4 + 4 + 4) for one chunk of c rows
                    (fp32 logits, log-softmax, gradient) + B*T*h*4;
                    full (`loss="full"`): B*T*V*(a + 4 + 4), the logits, their fp32 copy and its gradient.
     overhead     = 1 GiB on CUDA (context, cuBLAS workspace, allocator fragmentation), 0 on CPU.
@@ -43,6 +43,8 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
+
+from ..utils import check_positive_int, is_positive_int
 
 GIB = 1024**3
 QUANTIZATIONS = ("nf4", "none")
@@ -185,7 +187,7 @@ def estimate_memory(
     dtype_bytes: int = 2,
     attention: str = "sdpa",
     loss: str = "fused",
-    loss_chunk_tokens: int = 1024,  # = pi_peft.memory.DEFAULT_CHUNK_TOKENS (tested)
+    loss_chunk_tokens: int = 1024,  # = pi_peft.training.memory.DEFAULT_CHUNK_TOKENS (tested)
     activation_offloading: bool = False,
     lora_dropout: float = 0.0,
     tiled_mlp: bool = False,
@@ -203,14 +205,15 @@ def estimate_memory(
         gradient_checkpointing (`bool`): without it every layer keeps its full activations.
         dtype_bytes (`int`): bytes of an activation / unquantised weight (2 = bf16, 4 = fp32 as in CPU tests).
         attention (`str`): `"sdpa"`, `"flash_attention_2"` (both O(T)) or `"eager"` (O(T^2)).
-        loss (`str`): `"fused"` (SFTTrainer's chunked LM head), `"chunked"` (`pi_peft.memory`'s own chunked loss
+        loss (`str`): `"fused"` (SFTTrainer's chunked LM head), `"chunked"` (`pi_peft.training.memory`'s own chunked
+        loss
             with `loss_chunk_tokens` rows per chunk) or `"full"` (materialised logits).
         activation_offloading (`bool`): checkpointed layer inputs wait in CPU memory (trl's `activation_offloading`);
             two layers' worth are counted on the GPU.
         lora_dropout (`float`): LoRA dropout; above 0 every LoRA layer keeps a dropped copy of its input and a mask.
-        tiled_mlp (`bool`): the MLPs run over sequence tiles (`pi_peft.memory.apply_tiled_mlp`).
+        tiled_mlp (`bool`): the MLPs run over sequence tiles (`pi_peft.ops.tiled_mlp.apply_tiled_mlp`).
         tile_tokens (`int`, *optional*): the tile with `tiled_mlp`; default the automatic one
-            (`pi_peft.memory.auto_tile_tokens`).
+            (`pi_peft.ops.tiled_mlp.auto_tile_tokens`).
         device (`str`): `"cuda"` adds the CUDA overhead, `"cpu"` does not.
     """
     if isinstance(model_config, str):
@@ -223,8 +226,7 @@ def estimate_memory(
         if value not in allowed:
             raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
     for name, value in (("context_length", context_length), ("r", r), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        check_positive_int(name, value)
     s = _shapes(model_config)
     h, i, n, kv, V, a = s["h"], s["i"], s["n"], s["kv"], s["V"], dtype_bytes
     B, T = batch_size, context_length
@@ -252,9 +254,7 @@ def estimate_memory(
         raise ValueError(f"`lora_dropout` must be in [0, 1), got {lora_dropout!r}.")
     if tile_tokens is not None and not tiled_mlp:
         raise ValueError(f"`tile_tokens`={tile_tokens} has no effect without `tiled_mlp=True`; set both or neither.")
-    if tile_tokens is not None and (
-        isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int) or tile_tokens <= 0
-    ):
+    if tile_tokens is not None and not is_positive_int(tile_tokens):  # (torch-free: ops.tiled_mlp imports torch)
         raise ValueError(f"`tile_tokens` must be a positive int or None (automatic), got {tile_tokens!r}.")
     q = s["q"]
     dropped = 5 * h + q + i if lora_dropout > 0 else 0  # elements per token of the LoRA inputs' dropped copies
@@ -262,7 +262,7 @@ def estimate_memory(
     mlp_tile = None
     if tiled_mlp:
         if tile_tokens is None:
-            from .memory import auto_tile_tokens
+            from ..ops.tiled_mlp import auto_tile_tokens
 
             mlp_tile = auto_tile_tokens(T, h)
         else:

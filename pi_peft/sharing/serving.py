@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .rope import ROPE_TYPES, rope_type_info, scaled_rope_parameters
+from ..rope import ROPE_TYPES, rope_type_info, scaled_rope_parameters
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted `--max-lora-rank` values (default 16)
 

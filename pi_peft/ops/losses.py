@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import check_positive_int
+
 IGNORE_INDEX = -100
 LOSS_BACKENDS = ("auto", "liger", "cce", "trl", "chunked")
 DEFAULT_CHUNK_TOKENS = 1024  # rows per chunk: one (1024, V) fp32 block, ~125 MiB at a 32k vocabulary
@@ -85,8 +87,7 @@ def chunked_nll(
         chunk_tokens (`int`): rows per chunk; with grad enabled each chunk is recomputed in its backward.
         softcap (`float`, *optional*): `final_logit_softcapping` of the model.
     """
-    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens <= 0:
-        raise ValueError(f"`chunk_tokens` must be a positive int, got {chunk_tokens!r}.")
+    check_positive_int("chunk_tokens", chunk_tokens)
     from torch.utils.checkpoint import checkpoint
 
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)

@@ -5,8 +5,11 @@ from typing import Any, Optional
 from peft import LoraConfig
 from peft.utils.peft_types import PeftType
 
-from . import _registration
-from .rope import ROPE_EXTRA_PARAMETERS, ROPE_TYPES, effective_context_length
+from ...integrations import retry_deferred
+from ...rope import ROPE_EXTRA_PARAMETERS, ROPE_TYPES, effective_context_length
+
+PEFT_TYPE_NAME = "PI"
+"""The value stored as ``peft_type`` in ``adapter_config.json``."""
 
 PI_PAPER = "https://arxiv.org/abs/2306.15595"
 LONGLORA_PAPER = "https://arxiv.org/abs/2309.12307"
@@ -131,7 +134,7 @@ class PIConfig(LoraConfig):
         if self.task_type is None:
             self.task_type = "CAUSAL_LM"  # PI is for causal LMs; lets AutoPeftModelForCausalLM pick the right class
         super().__post_init__()
-        self.peft_type = PeftType[_registration.PEFT_TYPE_NAME]
+        self.peft_type = PeftType[PEFT_TYPE_NAME]
 
         # normalise
         if isinstance(self.rope_type, str):
@@ -214,4 +217,4 @@ class PIConfig(LoraConfig):
         }
 
 
-_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now
+retry_deferred()  # registration deferred by a first `import peft` from this module runs now

@@ -65,6 +65,6 @@ def check_cache_layer(cache, layer_idx: int) -> None:
         kind = type(layers[layer_idx]).__name__ if layers is not None else type(cache).__name__
         raise ValueError(
             f"An MLA model caches latents, which needs a dynamic cache with plain `DynamicLayer`s; got {kind}. Pass "
-            "`past_key_values=pi_peft.mla.MLACache()` (MLAModel.generate does this by default) instead of a static, "
-            "sliding-window, quantised or offloaded cache."
+            "`past_key_values=pi_peft.tuners.mla.MLACache()` (MLAModel.generate does this by default) instead of a "
+            "static, sliding-window, quantised or offloaded cache."
         )

@@ -6,15 +6,10 @@ from typing import Optional
 from peft.tuners.lora import LoraModel
 from torch import nn
 
-from . import _registration, s2_attn
+from ...integrations import retry_deferred
+from ...ops import s2_attn
+from ...rope import ROPE_TYPES, model_rope_config, rope_parameters_of, scaled_rope_parameters, set_rope_parameters
 from .config import PIConfig
-from .rope import (
-    ROPE_TYPES,
-    model_rope_config,
-    rope_parameters_of,
-    scaled_rope_parameters,
-    set_rope_parameters,
-)
 
 _NORM_CLASS_MARKERS = ("RMSNorm", "LayerNorm")
 
@@ -222,4 +217,4 @@ class PIModel(LoraModel):
         return names or None
 
 
-_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now
+retry_deferred()  # registration deferred by a first `import peft` from this module runs now

@@ -37,7 +37,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .. import _registration
+from ...integrations import retry_deferred
 from .cache import MLACache, check_cache_layer
 from .selection import nope_dims, pair_dims
 
@@ -244,7 +244,7 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         if not self.ready:
             raise RuntimeError(
                 "This MLA adapter uses rope_selection='2-norm' and has not seen calibration data yet: call "
-                "`pi_peft.mla.initialize_mla_weights(model, batches)` after `get_peft_model` (or pick 'high', "
+                "`pi_peft.tuners.mla.initialize_mla_weights(model, batches)` after `get_peft_model` (or pick 'high', "
                 "'low' or 'uniform')."
             )
         if args:
@@ -419,4 +419,4 @@ def _eager_of(attn: nn.Module):
     return fn
 
 
-_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now
+retry_deferred()  # registration deferred by a first `import peft` from this module runs now

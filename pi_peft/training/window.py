@@ -2,9 +2,9 @@
 
 trl's ``SFTConfig.max_length`` defaults to 1024 tokens, whatever the model. With a PI adapter that silently trains
 past a shorter window (positions that were never interpolated) or truncates a longer one to 1024 tokens (so the
-adapter never sees the positions it was made for). :func:`install_sft_trainer_guard` wraps ``SFTTrainer.__init__``
-(installed by ``import pi_peft`` once trl's trainer module is imported, like the ``push_to_hub`` routing) so that, for
-a PI adapter only:
+adapter never sees the positions it was made for). ``import pi_peft`` wraps ``SFTTrainer.__init__`` once trl's trainer
+module is imported (:func:`pi_peft.integrations.install_sft_trainer_guard`) with :func:`align_sft_arguments`, so
+that, for a PI adapter only:
 
 - ``max_length`` left at trl's default (1024) or ``None`` becomes the adapter's ``context_length`` (logged);
 - ``max_length`` longer than ``context_length`` is refused with a ``ValueError`` naming both;
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import inspect
 import logging
 from typing import Any, Optional
 
@@ -34,7 +32,7 @@ def trl_default_max_length() -> Optional[int]:
 def pi_window(model: Any, peft_config: Any) -> Optional[int]:
     """The window a PI adapter trains at: ``peft_config``'s, resolved against ``model``; else the active PI adapter of
     a ``PeftModel``; ``None`` when no PI adapter is involved."""
-    from .config import PIConfig
+    from ..tuners.pi.config import PIConfig
 
     if isinstance(peft_config, PIConfig):
         config = copy.deepcopy(peft_config)
@@ -56,7 +54,7 @@ def _base_window(model: Any, config) -> int:
 
         model_config = AutoConfig.from_pretrained(model)
         return model_config.get_text_config().max_position_embeddings
-    from .model import original_rope
+    from ..tuners.pi.model import original_rope
 
     return original_rope(model)[1]
 
@@ -82,29 +80,19 @@ def align_max_length(args: Any, window: int) -> None:
         logger.warning("pi_peft: `max_length`=%d trains shorter sequences than the %d-token window", current, window)
 
 
-def install_sft_trainer_guard() -> None:
-    """Wrap ``trl.SFTTrainer.__init__`` with :func:`align_max_length` for PI adapters (idempotent)."""
-    from trl import SFTConfig, SFTTrainer
+def align_sft_arguments(arguments: dict[str, Any]) -> None:
+    """``SFTTrainer.__init__``'s bound ``arguments``, aligned in place for a PI adapter (see the module docstring;
+    installed by :func:`pi_peft.integrations.install_sft_trainer_guard`). Nothing changes without a PI adapter."""
+    from trl import SFTConfig
 
-    original = SFTTrainer.__init__
-    if getattr(original, "_pi_peft", False):
+    model, peft_config = arguments.get("model"), arguments.get("peft_config")
+    window = pi_window(model, peft_config)
+    if window is None:
         return
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def __init__(self, *args: Any, **kwargs: Any):
-        bound = signature.bind(self, *args, **kwargs)
-        model, peft_config = bound.arguments.get("model"), bound.arguments.get("peft_config")
-        window = pi_window(model, peft_config)
-        if window is not None:
-            training_args = bound.arguments.get("args")
-            if training_args is None:  # trl's own default, made here so that its max_length can be aligned
-                name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-                training_args = SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
-                bound.arguments["args"] = training_args
-            if hasattr(training_args, "max_length"):
-                align_max_length(training_args, window)
-        return original(*bound.args, **bound.kwargs)
-
-    __init__._pi_peft = True
-    SFTTrainer.__init__ = __init__
+    training_args = arguments.get("args")
+    if training_args is None:  # trl's own default, made here so that its max_length can be aligned
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+        training_args = SFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
+        arguments["args"] = training_args
+    if hasattr(training_args, "max_length"):
+        align_max_length(training_args, window)

@@ -5,14 +5,15 @@ Usage::
     pi-peft push outputs/llama2-16k-pi you/llama2-16k-pi --eval-dir outputs/eval [--private] [--revision dev]
 
 ``push_adapter`` (and the CLI) upload ``adapter_config.json``, ``adapter_model.safetensors``, tokenizer files when
-present, a ``README.md`` built by :mod:`pi_peft.card`, and the evaluation plots under ``eval/``, in one commit.
+present, a ``README.md`` built by :mod:`pi_peft.sharing.card`, and the evaluation plots under ``eval/``, in one commit.
 
-Why ``model.push_to_hub`` is patched: peft's ``PeftModel.push_to_hub`` is transformers' ``PushToHubMixin.push_to_hub``,
-which calls ``save_pretrained`` (peft's template card) and then *overwrites* ``README.md`` with the repo's current card
-or an empty template. No hook runs between the two, so generating the card in ``save_pretrained``-adjacent code would
-never reach the Hub. Instead :func:`install_push_to_hub` wraps ``PeftModel.push_to_hub``: for a model whose adapter is
-a PI adapter it calls :func:`push_adapter` (same arguments as transformers'); any other model takes peft's unchanged
-path. :func:`push_to_hub` is the same thing as a plain function.
+Why ``model.push_to_hub`` is routed here: peft's ``PeftModel.push_to_hub`` is transformers'
+``PushToHubMixin.push_to_hub``, which calls ``save_pretrained`` (peft's template card) and then *overwrites*
+``README.md`` with the repo's current card or an empty template. No hook runs between the two, so generating the card
+in ``save_pretrained``-adjacent code would never reach the Hub. Instead ``import pi_peft`` wraps
+``PeftModel.push_to_hub`` (:func:`pi_peft.integrations.install_push_to_hub`): for a model whose adapter is a PI
+adapter it calls :func:`push_to_hub` here (same arguments as transformers'); any other model takes peft's unchanged
+path.
 
 The token comes from the usual places (``token=``, ``HF_TOKEN``, ``hf auth login``) through ``HfApi``; pi_peft never
 prints it or writes it to a file, and the CLI has no ``--token`` option (it would show up in the shell history).
@@ -20,7 +21,6 @@ prints it or writes it to a file, and the CLI has no ``--token`` option (it woul
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import tempfile
@@ -28,17 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..utils import is_kbit_model
 from .card import EVAL_DIR_IN_REPO, base_model_license, build_model_card, eval_files, training_from_trainer_state
-from .loading import ADAPTER_CONFIG_NAME, SAFETENSORS_NAME, check_adapter_dir, resolve_adapter_dir
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-)
-"""Tokenizer files uploaded with the adapter when they are in its folder."""
+from .loading import ADAPTER_CONFIG_NAME, SAFETENSORS_NAME, TOKENIZER_FILES, check_adapter_dir, resolve_adapter_dir
 
 
 def _offline() -> bool:
@@ -59,15 +51,10 @@ def _require_online(repo_id: str) -> None:
 
 
 def _is_pi_model(model: Any) -> bool:
-    from .config import PIConfig
+    from ..tuners.pi.config import PIConfig
 
     configs = getattr(model, "peft_config", None) or {}
     return any(isinstance(c, PIConfig) for c in configs.values())
-
-
-def _is_quantized(model: Any) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
 def _save_model_adapter(model: Any, folder: Path, adapter_name: Optional[str]) -> Path:
@@ -140,7 +127,7 @@ def push_adapter(
             if not _is_pi_model(adapter):
                 raise ValueError("`adapter` is a peft model without a PI adapter; use its own `push_to_hub`.")
             source = _save_model_adapter(adapter, tmp / "saved", adapter_name)
-            quantized = _is_quantized(adapter) if quantized is None else quantized
+            quantized = is_kbit_model(adapter) if quantized is None else quantized
             training: dict = {}
         else:
             source = resolve_adapter_dir(adapter, token=token)
@@ -190,24 +177,6 @@ def push_to_hub(model: Any, repo_id: str, **kwargs: Any):
     kwargs.pop("max_shard_size", None)
     kwargs.pop("safe_serialization", None)
     return push_adapter(model, repo_id, **kwargs)
-
-
-def install_push_to_hub() -> None:
-    """Route ``PeftModel.push_to_hub`` of PI models to :func:`push_to_hub` (idempotent; other models unchanged)."""
-    from peft import PeftModel
-
-    original = PeftModel.push_to_hub
-    if getattr(original, "_pi_peft", False):
-        return
-
-    @functools.wraps(original)
-    def _push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
-        if args or not _is_pi_model(self):
-            return original(self, repo_id, *args, **kwargs)
-        return push_to_hub(self, repo_id, **kwargs)
-
-    _push_to_hub._pi_peft = True
-    PeftModel.push_to_hub = _push_to_hub
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 from typing import Union
 
+from ..utils import atomic_output_dir
 from .loading import DTYPES
-from .utils import atomic_output_dir
 
 GGUF_MAGIC = b"GGUF"
 

@@ -31,6 +31,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..utils import atomic_output_dir, refuse_to_overwrite_inputs
 from .card import PI_TAGS
 from .loading import (
     ADAPTER_CONFIG_NAME,
@@ -44,7 +45,6 @@ from .loading import (
     resolve_dtype,
 )
 from .serving import extension_of, fmt_factor, llama_cpp_rope_flags, llama_cpp_unsupported_note, vllm_lora_command
-from .utils import atomic_output_dir, refuse_to_overwrite_inputs
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 

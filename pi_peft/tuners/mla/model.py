@@ -5,9 +5,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import _registration
-from ..model import PIModel
-from ..rope import model_rope_config
+from ...integrations import retry_deferred
+from ...rope import model_rope_config
+from ..pi.model import PIModel
 from .cache import MLACache
 from .config import MLAConfig
 from .layer import MLAAttention, check_rms_norm, max_kv_rank
@@ -160,11 +160,12 @@ class MLAModel(PIModel):
 
     # ---- generation ------------------------------------------------------------------------------------------------
     def generate(self, *args, **kwargs):
-        """`model.generate` with a fresh `MLACache` (latents + kept RoPE keys) unless ``past_key_values`` is given."""
+        """`PIModel.generate` (full attention, also while training with S²-Attn) with a fresh `MLACache` (latents +
+        kept RoPE keys) unless ``past_key_values`` is given."""
         given = any(kwargs.get(name) is not None for name in ("cache", "past_key_values"))
         if not given and kwargs.get("use_cache", True) and self._mla_active():
             kwargs[_generate_cache_kwarg()] = MLACache()
-        return self.model.generate(*args, **kwargs)
+        return super().generate(*args, **kwargs)
 
     def _mla_active(self) -> bool:
         return any(
@@ -329,4 +330,4 @@ def initialize_mla_weights(model: nn.Module, calibration_data, max_batches: Opti
     return pairs
 
 
-_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now
+retry_deferred()  # registration deferred by a first `import peft` from this module runs now

@@ -5,17 +5,14 @@ from typing import Optional
 
 from peft.utils.peft_types import PeftType
 
-from .. import _registration
-from ..config import PIConfig
+from ...integrations import retry_deferred
+from ...utils import check_positive_int, is_positive_int
+from ..pi.config import PIConfig
 from .selection import ROPE_SELECTIONS
 
 MHA2MLA_PAPER = "https://arxiv.org/abs/2502.14837"
 PEFT_TYPE_NAME = "MLA"
 """The value stored as ``peft_type`` in ``adapter_config.json`` of an MHA2MLA adapter."""
-
-
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass
@@ -45,7 +42,7 @@ class MLAConfig(PIConfig):
         rope_selection (`str`, defaults to `"high"`):
             Which rotary frequency pairs keep RoPE: `"high"` (fastest), `"low"` (slowest), `"uniform"` (evenly spaced)
             or `"2-norm"` (largest query x key pair norms on calibration data, summed over each GQA group; the paper's
-            best). `"2-norm"` needs `pi_peft.mla.initialize_mla_weights(model, calibration_batches)` after
+            best). `"2-norm"` needs `pi_peft.tuners.mla.initialize_mla_weights(model, calibration_batches)` after
             `get_peft_model`, like peft's EVA initialisation.
         rope_pairs (`list`, *optional*):
             Filled in when the conversion is applied: the kept frequency-pair indices, `[layer][kv_head][pair]`. A
@@ -105,9 +102,8 @@ class MLAConfig(PIConfig):
                 "MLAConfig needs `kv_rank` (latent width per token, e.g. 512 for Llama-2-7B) and `rope_dims` (rotary "
                 "dimensions kept per head, e.g. 4 or 8)."
             )
-        if not _is_positive_int(self.kv_rank):
-            raise ValueError(f"`kv_rank` must be a positive int (latent values per token), got {self.kv_rank!r}.")
-        if not _is_positive_int(self.rope_dims) or self.rope_dims % 2:
+        check_positive_int("kv_rank", self.kv_rank, "latent values per token")
+        if not is_positive_int(self.rope_dims) or self.rope_dims % 2:
             raise ValueError(
                 f"`rope_dims` must be a positive even int (RoPE rotates dimensions in pairs), got {self.rope_dims!r}; "
                 "use e.g. 4 or 8."
@@ -133,4 +129,4 @@ class MLAConfig(PIConfig):
             )
 
 
-_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now
+retry_deferred()  # registration deferred by a first `import peft` from this module runs now

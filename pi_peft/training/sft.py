@@ -34,11 +34,11 @@ import torch
 from transformers import TrainerCallback
 from trl import ModelConfig, ScriptArguments, SFTConfig
 
-from . import _registration
-from .loading import check_model_path
-from .utils import refuse_to_overwrite_inputs
+from ..integrations import retry_deferred
+from ..sharing.loading import check_model_path
+from ..utils import refuse_to_overwrite_inputs
 
-logger = logging.getLogger("pi_peft.train")
+logger = logging.getLogger("pi_peft.training.sft")
 
 
 # PIConfig's own fields that are not command-line options (filled in when the adapter is applied)
@@ -51,7 +51,7 @@ def pi_config_fields() -> list[dataclasses.Field]:
     """The fields PIConfig adds to peft's LoraConfig (context window, RoPE type and keys, LongLoRA, S2-Attn, ...)."""
     from peft import LoraConfig
 
-    from .config import PIConfig
+    from ..tuners.pi.config import PIConfig
 
     lora = {f.name for f in dataclasses.fields(LoraConfig)}
     return [f for f in dataclasses.fields(PIConfig) if f.name not in lora and f.name not in _NOT_OPTIONS]
@@ -107,7 +107,7 @@ class PITrainingConfig(SFTConfig):
     tiled_mlp: bool = field(
         default=False,
         metadata={"help": "Run every decoder layer's MLP over sequence tiles with its own recompute (exact; saves "
-                  "the MLP's `tokens x intermediate` activations, see pi_peft.memory.apply_tiled_mlp)."},
+                  "the MLP's `tokens x intermediate` activations, see pi_peft.ops.tiled_mlp.apply_tiled_mlp)."},
     )  # fmt: skip
     tile_tokens: Optional[int] = field(
         default=None, metadata={"help": "Tokens per MLP tile with `tiled_mlp` (default: automatic, ~hidden size)."}
@@ -163,7 +163,7 @@ class PIProgressCallback(TrainerCallback):
 
 def make_pi_config(model_args: ModelConfig, pi_args: PIArguments, base_config):
     """The `PIConfig` of a run: PI settings + LoRA options of `model_args`, resolved against the base config."""
-    from .config import PIConfig
+    from ..tuners.pi.config import PIConfig
 
     targets = model_args.lora_target_modules
     if targets is not None and list(targets) == ["all-linear"]:
@@ -198,11 +198,12 @@ def quantization_config(model_args: ModelConfig):
     return get_quantization_config(model_args)
 
 
-def load_base_model(model_args: ModelConfig, training_args: SFTConfig):
-    """The base causal LM: 4-bit NF4 when asked, SDPA / FlashAttention 2, bitsandbytes CPU fix applied."""
-    from transformers import AutoModelForCausalLM
-
-    from .memory import attn_implementation, fix_bnb_cpu_repack
+def load_training_model(model_args: ModelConfig, training_args: SFTConfig):
+    """The base causal LM for training, through the one loader (:func:`pi_peft.sharing.loading.load_base_model`):
+    4-bit NF4 when asked, SDPA / FlashAttention 2, bitsandbytes CPU fix applied."""
+    from ..ops.bnb import fix_bnb_cpu_repack
+    from ..sharing.loading import load_base_model
+    from .memory import attn_implementation
 
     on_cpu = training_args.use_cpu or not torch.cuda.is_available()
     quant = quantization_config(model_args)
@@ -210,11 +211,10 @@ def load_base_model(model_args: ModelConfig, training_args: SFTConfig):
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation or attn_implementation("cpu" if on_cpu else "cuda"),
-        dtype=getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else model_args.dtype,
     )
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": "cpu" if on_cpu else torch.cuda.current_device()})
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    model = load_base_model(model_args.model_name_or_path, dtype=model_args.dtype, **kwargs)
     fix_bnb_cpu_repack(model)
     return model
 
@@ -330,7 +330,7 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
         training_args.packing = False  # already packed into exact windows
 
     # Model (4-bit NF4 when asked) and trainer; SFTTrainer applies the PIConfig and its fused chunked loss
-    model = load_base_model(model_args, training_args)
+    model = load_training_model(model_args, training_args)
     if training_args.tiled_mlp or training_args.tile_tokens is not None:
         from .memory import apply_memory_savers
 
@@ -366,4 +366,4 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
     return trainer
 
 
-_registration.retry_deferred()  # registration deferred by a first `import peft` from this module runs now
+retry_deferred()  # registration deferred by a first `import peft` from this module runs now

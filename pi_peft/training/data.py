@@ -14,6 +14,8 @@ from typing import Any, Optional, Union
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
+from ..utils import check_positive_int
+
 AnyDataset = Union[Dataset, IterableDataset]
 DATA_MODES = ("auto", "pretrain", "sft")
 SFT_COLUMNS = ("messages", "prompt", "completion", "conversations")
@@ -121,8 +123,7 @@ def pack_documents(
     `batch_size` documents). Works on `Dataset` and streaming `IterableDataset`. Raises `ValueError` when not one block
     can be made.
     """
-    if not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"`block_size` must be a positive int (the target context), got {block_size!r}.")
+    check_positive_int("block_size", block_size, "the target context")
     names = column_names(dataset)
     if text_field not in names and "input_ids" not in names:
         raise ValueError(
@@ -203,7 +204,7 @@ def write_jsonl(rows: Iterable[dict], path: Union[str, os.PathLike]) -> str:
     """Write rows as JSON lines (for small local datasets in examples and tests); complete or absent."""
     import json
 
-    from .utils import atomic_write_text
+    from ..utils import atomic_write_text
 
     path = os.fspath(path)
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -7,8 +7,9 @@ Shared by `recipes/check_estimate.py`, `tests/test_estimate.py` and the scripts 
 - [`torch_alloc_peak`]: the peak of live torch CPU allocations replayed from a `torch.profiler` memory profile (the
   CPU analogue of `torch.cuda.max_memory_allocated`);
 - [`run_json_subprocess`]: run a worker in a fresh Python process and read the JSON line it prints;
-- [`measure_cpu_peak`]: fp32 LoRA training steps of a Llama config, the run [`pi_peft.estimate.estimate_memory`] is
-  checked against (`python -m pi_peft.measure '{"config": {...}, "context_length": 2048}'` runs one by hand).
+- [`measure_cpu_peak`]: fp32 LoRA training steps of a Llama config, the run
+[`pi_peft.training.estimate.estimate_memory`] is
+  checked against (`python -m pi_peft.training.measure '{"config": {...}, "context_length": 2048}'` runs one by hand).
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def estimator_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import pi_peft
-    from pi_peft.losses import fused_causal_lm_loss
-    from pi_peft.memory import apply_memory_savers
+    from pi_peft.ops.losses import fused_causal_lm_loss
+    from pi_peft.training.memory import apply_memory_savers
 
     torch.set_num_threads(int(spec.get("threads", 1)))
     baseline = peak_rss()
@@ -132,7 +133,8 @@ def measure_cpu_peak(
     """Measured peak memory (bytes) of fp32 LoRA training steps of a Llama `config` on CPU: the peak RSS (`VmHWM`,
     Linux) of a fresh subprocess minus its peak after the imports.
 
-    The run mirrors [`pi_peft.estimate.estimate_memory`] with `quantization="none"`, `dtype_bytes=4`, `device="cpu"`,
+    The run mirrors [`pi_peft.training.estimate.estimate_memory`] with `quantization="none"`, `dtype_bytes=4`,
+    `device="cpu"`,
     `loss="chunked"`, `loss_chunk_tokens=chunk_tokens`: PIConfig with LoRA rank `r` (and `lora_dropout`) on all
     linear layers, trainable
     embeddings and norms, non-reentrant checkpointing, pi_peft's chunked loss, AdamW, two steps; with `tiled_mlp`, the
@@ -142,7 +144,7 @@ def measure_cpu_peak(
                 chunk_tokens=chunk_tokens, tiled_mlp=tiled_mlp, tile_tokens=tile_tokens)  # fmt: skip
     spec["lora_dropout"] = lora_dropout
     env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "OMP_NUM_THREADS": str(threads)}
-    result = run_json_subprocess(["-m", "pi_peft.measure", json.dumps(spec)], timeout=timeout, env=env)
+    result = run_json_subprocess(["-m", "pi_peft.training.measure", json.dumps(spec)], timeout=timeout, env=env)
     return int(result["peak"] - result["baseline"])
 
 

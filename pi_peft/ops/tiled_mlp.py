@@ -1,22 +1,15 @@
-"""Memory savers for long-context (Q)LoRA training, usable with trl's `SFTTrainer` or a plain training loop.
+"""Sequence-tiled MLPs (ALST's TiledMLP, arXiv 2506.13996): the MLP of every decoder layer runs over tiles of the
+sequence, each tile recomputed in its own backward, so only one tile's `tile x intermediate` tensors are ever alive
+instead of the whole sequence's.
 
-- [`apply_memory_savers`]: non-reentrant activation checkpointing (+ `enable_input_require_grads` for k-bit bases),
-  sequence-tiled MLPs (`tiled_mlp=True`, [`apply_tiled_mlp`]) and the bitsandbytes CPU fix below, in one call.
-- [`apply_tiled_mlp`]: the MLP of every decoder layer runs over tiles of the sequence, each tile recomputed in its own
-  backward (ALST's TiledMLP, arXiv 2506.13996), so only one tile's `tile x intermediate` tensors are ever alive
-  instead of the whole sequence's. Exact: same loss and gradients as untiled, to float rounding.
-- [`attn_implementation`]: `"flash_attention_2"` when it is installed and a GPU is there, else `"sdpa"`.
-- [`fix_bnb_cpu_repack`]: bitsandbytes 0.50 on CPUs with avx512_bf16 repacks a `Linear4bit` weight for an inference
-  kernel after any eval forward under `torch.no_grad()`; training steps after that get wrong LoRA gradients.
-- Activation offload to CPU: trl's `SFTConfig(activation_offloading=True)`, or [`activation_offload`] in a plain loop.
-
-The losses that never build the full `(tokens x vocab)` logits are in `pi_peft.losses`.
+What is exact: without dropout inside the MLP, the loss and gradients equal the untiled MLP's to float rounding. With
+dropout there (LoRA dropout on the MLP's projections), each tile draws its own masks, so a tiled step does not see the
+masks an untiled step would; its gradients are still exactly those of its own forward (the backward replays the
+forward's RNG state, as `torch.utils.checkpoint` does).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import types
 from collections.abc import Callable
@@ -25,86 +18,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from ..utils import is_positive_int
 
 MIN_TILE_TOKENS = 1024  # the automatic tile never goes below this (large matmuls stay efficient)
 TILED_ATTR = "_pi_tiled_mlp"  # set on a wrapped MLP: its tile size (`None` = automatic)
 
 
-# ---- attention ---------------------------------------------------------------------------------------------------
-def attn_implementation(device: Optional[str] = None) -> str:
-    """The attention kernel to load a model with: `"flash_attention_2"` when `flash_attn` is installed and the model
-    goes to a CUDA device, else `"sdpa"` (PyTorch's fused attention: O(T) memory on GPU, never the eager T x T)."""
-    from transformers.utils import is_flash_attn_2_available
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and is_flash_attn_2_available():
-        return "flash_attention_2"
-    return "sdpa"
-
-
-# ---- bitsandbytes CPU trap ---------------------------------------------------------------------------------------
-def fix_bnb_cpu_repack(model: nn.Module) -> int:
-    """Keep every bitsandbytes `Linear4bit` of `model` on its training-safe kernel on CPU.
-
-    bitsandbytes 0.50 on CPUs with avx512_bf16 repacks a 4-bit weight for a fast inference kernel the first time the
-    layer runs in eval mode on an input without grad (any `torch.no_grad()` evaluation). That kernel has no autograd
-    path, so later training steps compute LoRA gradients that are silently wrong (relative error ~1) while the loss
-    looks normal. This sets `support_avx512bf16_for_cpu = False` on every `Linear4bit` and unpacks weights that were
-    already repacked (best effort: the repack rounded their absmax to bf16, so call this before any evaluation, as
-    `pi-peft train` does when it loads the model). Harmless on GPU and on models without 4-bit layers.
-
-    Returns:
-        `int`: the number of `Linear4bit` modules fixed.
-    """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            state = getattr(module.weight, "quant_state", None)
-            if state is not None and getattr(state, "packing_format_for_cpu", False):
-                from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                    module.weight.data, state
-                )
-            count += 1
-    return count
-
-
-def is_kbit_model(model: nn.Module) -> bool:
-    """Whether `model` (or the base model under a peft wrapper) was loaded in 4 or 8 bit."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
-
-
-# ---- checkpointing -----------------------------------------------------------------------------------------------
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing (one checkpoint per decoder layer).
-
-    Uses transformers' current name (`activation_checkpointing_enable`, transformers >= 5.20) and falls back to the
-    deprecated `gradient_checkpointing_enable` only where the current one is missing, so no `FutureWarning` is raised.
-    Non-reentrant checkpointing works with frozen inputs, but a k-bit base has no trainable tensor before the first
-    LoRA layer, so the embedding output is made to require grad (`enable_input_require_grads`) as peft does.
-    """
-    kwargs = {"use_reentrant": False}
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if is_kbit_model(model) and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "use_cache"):
-        config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
-
-
-# ---- sequence-tiled MLP ------------------------------------------------------------------------------------------
 def auto_tile_tokens(seq_len: int, hidden_size: int) -> int:
     """The automatic tile of [`apply_tiled_mlp`]: as ALST, about `hidden_size` tokens per tile (at least
     `MIN_TILE_TOKENS`), the sequence split into equal tiles: `ceil(T / ceil(T / max(hidden_size, 1024)))`.
@@ -116,13 +35,13 @@ def auto_tile_tokens(seq_len: int, hidden_size: int) -> int:
     return math.ceil(seq_len / n_tiles)
 
 
-def _check_tile_tokens(tile_tokens: Any) -> Optional[int]:
+def check_tile_tokens(tile_tokens: Any) -> Optional[int]:
     if tile_tokens is None or tile_tokens == "auto":
         return None
-    if isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int) or tile_tokens <= 0:
+    if not is_positive_int(tile_tokens):
         raise ValueError(
-            f"`tile_tokens` must be a positive int (tokens per MLP tile) or None/'auto' for the automatic size, got "
-            f"{tile_tokens!r}. Pass e.g. `tile_tokens=4096`, or leave it unset."
+            f"`tile_tokens` must be a positive int or None/'auto' (tokens per MLP tile; None: the automatic size), "
+            f"got {tile_tokens!r}. Pass e.g. `tile_tokens=4096`, or leave it unset."
         )
     return tile_tokens
 
@@ -242,7 +161,7 @@ def apply_tiled_mlp(
     Returns:
         `int`: the number of MLPs tiled.
     """
-    tile_tokens = _check_tile_tokens(tile_tokens)
+    tile_tokens = check_tile_tokens(tile_tokens)
     modules = find_mlp_modules(model) if modules is None else list(modules)
     if not modules:
         raise ValueError(
@@ -264,45 +183,3 @@ def remove_tiled_mlp(model: nn.Module) -> int:
             module.__dict__.pop("forward", None)
             count += 1
     return count
-
-
-def apply_memory_savers(
-    model: nn.Module,
-    *,
-    gradient_checkpointing: bool = True,
-    tiled_mlp: bool = False,
-    tile_tokens: Optional[int | str] = None,
-) -> nn.Module:
-    """Apply pi_peft's memory savers to a (peft) causal LM for training, in place, and return it.
-
-    - non-reentrant activation checkpointing (+ `enable_input_require_grads` for k-bit bases), unless
-      `gradient_checkpointing=False`;
-    - with `tiled_mlp=True`, every decoder layer's MLP over sequence tiles of `tile_tokens` tokens (default
-      automatic), see [`apply_tiled_mlp`];
-    - the bitsandbytes CPU repack fix ([`fix_bnb_cpu_repack`]), so evaluation between training steps stays safe.
-
-    The attention kernel is chosen at load time (`attn_implementation=attn_implementation()`), the loss with
-    `pi_peft.losses.causal_lm_loss`, and activation offload with [`activation_offload`].
-    """
-    tile_tokens = _check_tile_tokens(tile_tokens)
-    if tile_tokens is not None and not tiled_mlp:
-        raise ValueError(f"`tile_tokens`={tile_tokens} has no effect without `tiled_mlp=True`; set both or neither.")
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if tiled_mlp:
-        apply_tiled_mlp(model, tile_tokens)
-    fix_bnb_cpu_repack(model)
-    return model
-
-
-@contextlib.contextmanager
-def activation_offload(model: nn.Module):
-    """Context manager that offloads saved activations to CPU memory during forward and brings them back for backward
-    (trl's implementation; on GPU only, a no-op context on CPU). Wrap `loss = ...; loss.backward()` in it."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    from trl.models.activation_offloading import get_act_offloading_ctx_manager
-
-    with get_act_offloading_ctx_manager(model=model):
-        yield

@@ -30,7 +30,16 @@ SAVED_PREFIX = "base_model.model."
 """peft saves adapter tensors under the PeftModel's names; stripping this gives the base model's module names."""
 
 # files a snapshot of an adapter repo needs (weights, config, card, tokenizer saved next to the adapter)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+"""A tokenizer's files: a folder with any of them has a tokenizer; uploads and exports copy those present."""
 
 ADAPTER_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.md", "*.model", "*.txt", "*.jinja"]
 

@@ -1,4 +1,4 @@
-"""The model card of a PI adapter (the serving flags it shows come from :mod:`pi_peft.serving`).
+"""The model card of a PI adapter (the serving flags it shows come from :mod:`pi_peft.sharing.serving`).
 
 Everything in the card is derived from the adapter's own ``adapter_config.json`` (window, factor, RoPE, LoRA
 settings), from facts passed in (QLoRA or not, the base model's license, a ``trainer_state.json``), and from an
@@ -13,14 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from .serving import (
-    extension_of,
-    fmt_factor,
-    llama_cpp_rope_flags,
-    llama_cpp_unsupported_note,
-    vllm_lora_command,
-)
-from .utils import markdown_table
+from ..utils import markdown_table
+from .serving import extension_of, fmt_factor, llama_cpp_rope_flags, llama_cpp_unsupported_note, vllm_lora_command
 
 EVAL_TABLES = (("passkey.md", "Passkey retrieval"), ("ppl.md", "Perplexity by context length"))
 EVAL_PLOTS = ("passkey.png", "ppl.png")
@@ -104,7 +98,7 @@ def card_text(
     eval_dir: Optional[Path] = None,
 ) -> str:
     """The markdown body of the card (without the YAML block)."""
-    from ._version import __version__
+    from .._version import __version__
 
     ext = extension_of(config)
     base = base_model or "<base model>"
