@@ -1,6 +1,8 @@
 """The Position Interpolation paper in miniature, on CPU, offline: ``pi-peft demo`` (``--quick`` for a smoke run).
 
-1. Corpus: Python's own standard library sources (on every machine), split by file into train / held-out text, plus
+1. Corpus: Python's own standard library sources (on every machine; the modules of ``sys.stdlib_module_names`` only,
+   so nothing installed changes it; its sha256 is recorded and compared with the committed run's), split by file
+   into train / held-out text, plus
    passkey documents (the prompt of :mod:`pi_peft.evaluation.passkey` followed by its answer) mixed into
    pretraining. A byte-level BPE tokenizer (2048 tokens, digit runs merged: a 5-digit key is 3-5 tokens) is trained
    on it.
@@ -35,13 +37,17 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import shutil
+import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .utils import atomic_write_text, write_json
 
 # arm -> (RoPE scaling factor as a multiple of ``factor`` (0: none), fine-tuning: None, "lora" or "full")
 ARMS = {
@@ -54,6 +60,14 @@ ARMS = {
 }
 DEMO_MODELS = ("extrapolation", "pi", "direct-ft", "pi-ft", "pi-full-ft")
 CACHE_FORMAT = 1  # bump when the cached base's layout or the pretraining code changes
+COMMITTED_RUN = "experiments/demo/run/demo.json"
+COMMITTED_CORPUS = {  # the committed run's `corpus` (tests/test_demo.py checks it against that file)
+    "implementation": "cpython",
+    "python": "3.11.7",
+    "seed": 0,
+    "corpus_chars": 3_000_000,
+    "sha256": "054fb7de112a5cf527fdddf776f89a76b4e831b6c6ff4f499c8cd7ea039e2783",
+}
 
 
 @dataclass
@@ -127,23 +141,75 @@ QUICK = dict(
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
-def stdlib_files(max_chars: int, seed: int) -> list[str]:
-    """Texts of Python standard-library ``.py`` files (no tests), shuffled with ``seed``, up to ``max_chars``."""
-    root = sysconfig.get_paths()["stdlib"]
-    paths = sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "*", "*.py")))
-    paths = [p for p in paths if "test" not in os.path.relpath(p, root).split(os.sep)[0].lower()]
+def stdlib_paths(root: str | None = None) -> list[str]:
+    """The demo corpus's candidate files, by a rule that nothing installed can change: ``<stdlib>/<name>.py`` and
+    ``<stdlib>/<name>/*.py`` for the top-level names of ``sys.stdlib_module_names`` (fixed by the Python version),
+    without test modules. ``site-packages`` / ``dist-packages`` (and every other folder that ``pip install`` writes
+    to) are not standard-library module names, so they never enter. Sorted; ``root`` defaults to this interpreter's
+    ``sysconfig`` stdlib folder."""
+    root = root or sysconfig.get_paths()["stdlib"]
+    names = sorted(n for n in sys.stdlib_module_names if "test" not in n.lower())
+    paths = []
+    for name in names:
+        module = os.path.join(root, f"{name}.py")
+        if os.path.isfile(module):
+            paths.append(module)
+        package = os.path.join(root, name)
+        if os.path.isdir(package) and not os.path.islink(package):
+            paths += sorted(glob.glob(os.path.join(package, "*.py")))
+    return sorted(paths)
+
+
+def stdlib_corpus(max_chars: int, seed: int, root: str | None = None) -> tuple[list[str], dict]:
+    """Texts of standard-library files (:func:`stdlib_paths`; files under 2000 characters skipped), shuffled with
+    ``seed``, up to ``max_chars``; and the corpus's identity: Python version, file count, characters and a sha256 of
+    the files used (their paths relative to the stdlib folder and their contents, in order)."""
+    root = root or sysconfig.get_paths()["stdlib"]
+    paths = stdlib_paths(root)
     random.Random(seed).shuffle(paths)
-    texts, total = [], 0
+    texts, total, digest = [], 0, hashlib.sha256()
     for path in paths:
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
         if len(text) < 2000:
             continue
         texts.append(text)
+        relative = os.path.relpath(path, root).replace(os.sep, "/")
+        digest.update(f"{relative}\0{len(text)}\0".encode() + text.encode("utf-8", errors="replace"))
         total += len(text)
         if total >= max_chars:
             break
-    return texts
+    identity = {
+        "python": platform.python_version(),
+        "implementation": sys.implementation.name,
+        "files": len(texts),
+        "chars": total,
+        "sha256": digest.hexdigest(),
+    }
+    return texts, identity
+
+
+def stdlib_files(max_chars: int, seed: int) -> list[str]:
+    """The texts of :func:`stdlib_corpus` (without its identity)."""
+    return stdlib_corpus(max_chars, seed)[0]
+
+
+def corpus_note(corpus: dict, cfg: DemoConfig) -> str:
+    """One line: which corpus this run used and whether it is the committed run's (so its numbers can be compared)."""
+    committed = COMMITTED_CORPUS
+    what = (
+        f"Corpus: {corpus['files']} standard-library files of {corpus['implementation']} {corpus['python']}, "
+        f"{corpus['chars']:,} characters, sha256 {corpus['sha256'][:16]}"
+    )
+    if (cfg.seed, cfg.corpus_chars) != (committed["seed"], committed["corpus_chars"]):
+        return f"{what} (other `seed` / `corpus_chars` than the committed run: not comparable with its table)."
+    if corpus["sha256"] == committed["sha256"]:
+        return f"{what}: the committed run's corpus ({COMMITTED_RUN}), so its numbers are comparable."
+    return (
+        f"{what}: NOT the committed run's corpus ({committed['implementation']} {committed['python']}, sha256 "
+        f"{committed['sha256'][:16]}; {COMMITTED_RUN}), so these numbers are not comparable with the committed "
+        "table (another Python version has other standard-library sources)."
+    )
 
 
 def passkey_document(tokenizer, rng: random.Random, max_tokens: int) -> list[int]:
@@ -377,7 +443,7 @@ def prepare_data(cfg: DemoConfig, rng: random.Random) -> dict:
     from .evaluation.passkey import build_prompt, random_key
     from .testing import train_tokenizer
 
-    texts = stdlib_files(cfg.corpus_chars, cfg.seed)
+    texts, corpus = stdlib_corpus(cfg.corpus_chars, cfg.seed)
     train_texts = [t for i, t in enumerate(texts) if i % cfg.heldout_every]
     heldout_texts = [t for i, t in enumerate(texts) if i % cfg.heldout_every == 0]
     # the tokenizer sees the pretraining mix: code plus passkey prompts in the same share of characters
@@ -389,7 +455,7 @@ def prepare_data(cfg: DemoConfig, rng: random.Random) -> dict:
         return [t for ids in tokenizer(docs)["input_ids"] for t in ids + [tokenizer.eos_token_id]]
 
     heldout = stream_of(heldout_texts)[: cfg.ppl_tokens + cfg.target_length]
-    return {"tokenizer": tokenizer, "train": stream_of(train_texts), "heldout": heldout}
+    return {"tokenizer": tokenizer, "train": stream_of(train_texts), "heldout": heldout, "corpus": corpus}
 
 
 def pretrain(cfg: DemoConfig, data: dict, rng: random.Random):
@@ -446,13 +512,13 @@ def default_cache_dir() -> str:
     return os.path.join(root, "pi_peft", "demo")
 
 
-def base_cache_key(cfg: DemoConfig, tokenizer) -> str:
-    """A hash of everything the pretrained base depends on: the pretraining fields and the tokenizer (trained on
-    this machine's stdlib sources), plus :data:`CACHE_FORMAT`."""
+def base_cache_key(cfg: DemoConfig, tokenizer, corpus_sha256: str) -> str:
+    """A hash of everything the pretrained base depends on: the pretraining fields, the corpus and the tokenizer
+    trained on it, plus :data:`CACHE_FORMAT`."""
     settings = {k: getattr(cfg, k) for k in PRETRAIN_FIELDS}
     if not cfg.split_digits:  # only when off, so that bases cached before the option existed keep their keys
         settings["split_digits"] = False
-    payload = json.dumps({"format": CACHE_FORMAT, "settings": settings}, sort_keys=True)
+    payload = json.dumps({"format": CACHE_FORMAT, "settings": settings, "corpus": corpus_sha256}, sort_keys=True)
     payload += tokenizer.backend_tokenizer.to_str()
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -463,7 +529,8 @@ def pretrained_base(cfg: DemoConfig, data: dict, rng: random.Random, cache_dir: 
     directory or none). ``cache_dir=None`` neither reads nor writes a cache."""
     from transformers import AutoModelForCausalLM
 
-    path = os.path.join(cache_dir, base_cache_key(cfg, data["tokenizer"])) if cache_dir else None
+    key = base_cache_key(cfg, data["tokenizer"], data["corpus"]["sha256"])
+    path = os.path.join(cache_dir, key) if cache_dir else None
     if path and os.path.isfile(os.path.join(path, "pretrain.json")):
         with open(os.path.join(path, "pretrain.json")) as f:
             info = json.load(f)
@@ -477,8 +544,9 @@ def pretrained_base(cfg: DemoConfig, data: dict, rng: random.Random, cache_dir: 
         tmp = f"{path}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         base.save_pretrained(tmp)  # safetensors
-        with open(os.path.join(tmp, "pretrain.json"), "w") as f:
-            json.dump({**info, "settings": {k: getattr(cfg, k) for k in PRETRAIN_FIELDS}}, f, indent=2)
+        write_json(
+            os.path.join(tmp, "pretrain.json"), {**info, "settings": {k: getattr(cfg, k) for k in PRETRAIN_FIELDS}}
+        )
         try:
             os.replace(tmp, path)  # atomic: another run may have finished first, then keep its copy
         except OSError:
@@ -525,7 +593,7 @@ def evaluate_models(cfg: DemoConfig, data: dict, models: dict, timings: dict) ->
 def run_demo(cfg: DemoConfig, output_dir: str, cache_dir: str | None = "auto") -> dict:
     """The whole demo; ``cache_dir`` holds pretrained bases (``"auto"``: :func:`default_cache_dir`, or none for a
     smoke run; ``None``: no cache)."""
-    from .evaluation.report import atomic_write_text, write_passkey_report, write_ppl_report
+    from .evaluation.report import write_passkey_report, write_ppl_report
 
     unknown = [a for a in cfg.arms if a not in ARMS]
     if unknown:
@@ -553,6 +621,7 @@ def run_demo(cfg: DemoConfig, output_dir: str, cache_dir: str | None = "auto") -
     n_params = sum(p.numel() for p in base.parameters())
     summary = {
         "settings": {**asdict(cfg), "passkey_lengths": cfg.passkey_lengths, "target_length": T},
+        "corpus": data["corpus"],
         "model_parameters": n_params,
         "pretrain_final_loss": pre_info["final_loss"],
         "pretrain_cached": pre_info["cached"],
@@ -586,6 +655,7 @@ def run_demo(cfg: DemoConfig, output_dir: str, cache_dir: str | None = "auto") -
     )
     n_threads = torch.get_num_threads()
     markdown = (
+        f"{corpus_note(data['corpus'], cfg)}\n\n"
         f"Pretrained at L={L} (rope_theta {cfg.rope_theta:g}, {n_params / 1e6:.2f}M parameters, {cfg.pretrain_steps} "
         f"steps), extended to {T} ({cfg.finetune_steps} fine-tuning steps each for {', '.join(tuned)}; passkey "
         f"documents in fine-tuning up to {finetune_passkey_max(cfg)} tokens). "
@@ -593,7 +663,7 @@ def run_demo(cfg: DemoConfig, output_dir: str, cache_dir: str | None = "auto") -
         f"{demo_table(results, cfg)}\n\n{depth_table(results, cfg)}\n\n{curve_table(curves, cfg)}\n\n{claim_text}"
     )
     os.makedirs(output_dir, exist_ok=True)
-    atomic_write_text(os.path.join(output_dir, "demo.json"), json.dumps(summary, indent=2) + "\n")
+    write_json(os.path.join(output_dir, "demo.json"), summary)
     atomic_write_text(os.path.join(output_dir, "demo.md"), markdown)
     ppl_models = {n: {"model": n, "results": v} for n, v in ppl_all.items()}
     write_ppl_report(output_dir, ppl_models, {"stride": cfg.ppl_stride, "tokens": cfg.ppl_tokens})

@@ -4,7 +4,11 @@ import json
 import math
 import os
 import random
+import shutil
+import sys
+import sysconfig
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ import torch
 from pi_peft import demo
 from pi_peft.cli.demo import cli_main
 from pi_peft.demo import DEMO_MODELS, QUICK, DemoConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +126,7 @@ def test_pretrained_base_cache_round_trip(tmp_path):
         data = demo.prepare_data(cfg, random.Random(0))
         first, info = demo.pretrained_base(cfg, data, random.Random(1), str(tmp_path))
         second, info2 = demo.pretrained_base(cfg, data, random.Random(1), str(tmp_path))
-        other_key = demo.base_cache_key(replace(cfg, rope_theta=500.0), data["tokenizer"])
+        other_key = demo.base_cache_key(replace(cfg, rope_theta=500.0), data["tokenizer"], data["corpus"]["sha256"])
     finally:
         torch.set_num_threads(threads)
     assert (info["cached"], info2["cached"]) == (False, True) and info["path"] == info2["path"]
@@ -177,7 +183,8 @@ def test_split_digits_off_merges_digits_and_changes_the_cache_key():
     assert len(merged(" 12345")["input_ids"]) < 6
     assert merged.decode(merged(" 12345")["input_ids"]) == " 12345"
     cfg = DemoConfig(split_digits=True)
-    assert demo.base_cache_key(cfg, split) != demo.base_cache_key(replace(cfg, split_digits=False), split)
+    assert demo.base_cache_key(cfg, split, "c") != demo.base_cache_key(replace(cfg, split_digits=False), split, "c")
+    assert demo.base_cache_key(cfg, split, "c") != demo.base_cache_key(cfg, split, "another corpus")
 
 
 def test_finetune_passkey_documents_span_the_extended_window_by_default():
@@ -217,3 +224,60 @@ def test_passkey_answers_are_not_cut_when_keys_tokenize_unequally():
     lengths = {len(tok(" " + r["key"])["input_ids"]) for r in result.records}
     assert max(lengths) > len(tok(" " + first_key)["input_ids"]) + 1  # the case this guards
     assert all(r["correct"] for r in result.records)
+
+
+# ---- the corpus: the same on every machine with the same Python (issue 23) ----------------------------------------
+def test_corpus_is_standard_library_only():
+    paths = demo.stdlib_paths()
+    assert len(paths) > 300
+    assert not [p for p in paths if "site-packages" in p or "dist-packages" in p]
+    root = sysconfig.get_paths()["stdlib"]
+    tops = {os.path.relpath(p, root).split(os.sep)[0].removesuffix(".py") for p in paths}
+    assert tops <= set(sys.stdlib_module_names) and not [t for t in tops if "test" in t]
+
+
+def test_corpus_hash_ignores_what_is_installed(tmp_path):
+    """A stdlib folder with a few real modules: installing a top-level module into its site-packages (or dropping a
+    stray module or folder beside the stdlib) changes neither the file list nor the corpus hash."""
+    root = sysconfig.get_paths()["stdlib"]
+    fake = tmp_path / "python3.x"
+    (fake / "json").mkdir(parents=True)
+    for name in ("argparse.py", "difflib.py", "inspect.py", "typing.py"):
+        shutil.copy(os.path.join(root, name), fake / name)
+    for name in ("__init__.py", "decoder.py", "encoder.py"):
+        shutil.copy(os.path.join(root, "json", name), fake / "json" / name)
+    before = demo.stdlib_corpus(10**9, seed=0, root=str(fake))
+    paths = demo.stdlib_paths(str(fake))
+    (fake / "site-packages").mkdir()
+    big = "x = 1\n" * 1000
+    (fake / "site-packages" / "six.py").write_text(big)  # `pip install six`
+    (fake / "site-packages" / "typing_extensions.py").write_text(big)
+    (fake / "stray_module.py").write_text(big)  # not a standard-library module name
+    (fake / "vendored").mkdir()
+    (fake / "vendored" / "thing.py").write_text(big)
+    after = demo.stdlib_corpus(10**9, seed=0, root=str(fake))
+    assert demo.stdlib_paths(str(fake)) == paths and len(paths) == 7
+    assert after == before and before[1]["files"] == 7 and len(before[1]["sha256"]) == 64
+    (fake / "json" / "encoder.py").write_text((fake / "json" / "encoder.py").read_text() + "\n# edited\n")
+    assert demo.stdlib_corpus(10**9, seed=0, root=str(fake))[1]["sha256"] != before[1]["sha256"]  # contents count
+
+
+def test_committed_corpus_constant_is_the_committed_runs():
+    committed = json.loads((ROOT / demo.COMMITTED_RUN).read_text())
+    settings = committed["settings"]
+    assert committed["corpus"]["sha256"] == demo.COMMITTED_CORPUS["sha256"]
+    assert committed["corpus"]["python"] == demo.COMMITTED_CORPUS["python"]
+    assert (settings["seed"], settings["corpus_chars"]) == (
+        demo.COMMITTED_CORPUS["seed"],
+        demo.COMMITTED_CORPUS["corpus_chars"],
+    )
+    assert (settings["seed"], settings["corpus_chars"]) == (DemoConfig().seed, DemoConfig().corpus_chars)
+
+
+def test_corpus_note_says_whether_numbers_are_comparable():
+    cfg = DemoConfig()
+    same = {**demo.COMMITTED_CORPUS, "files": 10, "chars": 1000}
+    assert "comparable" in demo.corpus_note(same, cfg) and "NOT" not in demo.corpus_note(same, cfg)
+    other = {**same, "python": "3.12.1", "sha256": "0" * 64}
+    assert "NOT the committed run's corpus" in demo.corpus_note(other, cfg)
+    assert "not comparable" in demo.corpus_note(same, replace(cfg, seed=3))
