@@ -23,6 +23,7 @@ pi-peft train \
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -126,15 +127,21 @@ class PIModelConfig(ModelConfig):
 
 
 class PIProgressCallback(TrainerCallback):
-    """Adds `context_length`, `pi_factor` and `tokens_per_second` (trained tokens / wall time since the last log) to
-    every training log line, and prints the PI settings when training starts."""
+    """Adds `context_length`, `pi_factor` and `tokens_per_second` (tokens trained since the last log / wall time since
+    the last log) to every training log line, and prints the PI settings when training starts.
+
+    Tokens come from trl's `num_tokens` when the log has it (a count of this trainer's own tokens: it starts at 0 in
+    every process, a resumed one included), else from the steps done since the last log x `tokens_per_step`. Each
+    rate compares two counts of the same kind, so a resume never makes it negative."""
 
     def __init__(self, context_length: int, pi_factor: float, original_context_length: int, tokens_per_step: int):
         self.context_length = context_length
         self.pi_factor = pi_factor
         self.original_context_length = original_context_length
         self.tokens_per_step = tokens_per_step
-        self._last: Optional[tuple[float, float]] = None  # (time, tokens)
+        self._last_time: Optional[float] = None
+        self._last_step = 0
+        self._last_num_tokens = 0.0  # trl's counter at the last log (0 when its trainer was made)
 
     def on_train_begin(self, args, state, control, **kwargs):
         logger.warning(
@@ -143,19 +150,21 @@ class PIProgressCallback(TrainerCallback):
             self.pi_factor,
             self.original_context_length,
         )
-        self._last = (time.perf_counter(), self._tokens(state, {}))
-
-    def _tokens(self, state, logs) -> float:
-        return float(logs.get("num_tokens", state.global_step * self.tokens_per_step))
+        self._last_time, self._last_step = time.perf_counter(), state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:
             return
-        now, tokens = time.perf_counter(), self._tokens(state, logs)
+        now = time.perf_counter()
+        if "num_tokens" in logs:
+            tokens = float(logs["num_tokens"]) - self._last_num_tokens
+            self._last_num_tokens = float(logs["num_tokens"])
+        else:
+            tokens = float((state.global_step - self._last_step) * self.tokens_per_step)
         extra = {"context_length": self.context_length, "pi_factor": self.pi_factor}
-        if self._last is not None and now > self._last[0]:
-            extra["tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 2)
-        self._last = (now, tokens)
+        if self._last_time is not None and now > self._last_time and tokens >= 0:
+            extra["tokens_per_second"] = round(tokens / (now - self._last_time), 2)
+        self._last_time, self._last_step = now, state.global_step
         logs.update(extra)
         if state.log_history:
             state.log_history[-1].update(extra)
@@ -219,10 +228,50 @@ def load_training_model(model_args: ModelConfig, training_args: SFTConfig):
     return model
 
 
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt")
+"""The Trainer's torch-saved files of a checkpoint (with `rng_state*.pth`): zip archives when complete."""
+CHECKPOINT_ONLY = ("trainer_state.json", "training_args.bin", *TRAINER_FILES)
+"""Files of a checkpoint that are not part of the saved model (with `rng_state*.pth`)."""
+
+
+def _trainer_state(path: str) -> dict:
+    """`trainer_state.json` of checkpoint `path` as a dict (ValueError naming the file when it does not parse)."""
+    file = os.path.join(path, "trainer_state.json")
+    try:
+        with open(file, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file!r} cannot be read ({exc})") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise ValueError(f"{file!r} has no integer `global_step`")
+    return state
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why `path` is not a complete checkpoint (`None` when it is): every file a resume reads must parse. The
+    adapter (`adapter_config.json`, `adapter_model.safetensors`: header and size), `trainer_state.json` (the Trainer
+    writes it last) and every optimizer / scheduler / RNG file present (complete zip archives)."""
+    import zipfile
+
+    from ..sharing.loading import check_adapter_dir
+
+    if not os.path.isdir(path):
+        return "not a folder"
+    try:
+        check_adapter_dir(path)
+        _trainer_state(path)
+    except ValueError as exc:
+        return str(exc)
+    for name in sorted(os.listdir(path)):
+        torch_saved = name in TRAINER_FILES or name.startswith("rng_state")
+        if torch_saved and not zipfile.is_zipfile(os.path.join(path, name)):
+            return f"`{name}` is truncated (not a complete torch archive)"
+    return None
+
+
 def is_complete_checkpoint(path: str) -> bool:
-    """A checkpoint the Trainer finished writing: `trainer_state.json` is written last, after the adapter."""
-    names = set(os.listdir(path)) if os.path.isdir(path) else set()
-    return {"trainer_state.json", "adapter_config.json", "adapter_model.safetensors"} <= names
+    """A checkpoint the Trainer finished writing, every file of it readable (see :func:`checkpoint_problem`)."""
+    return checkpoint_problem(path) is None
 
 
 def last_complete_checkpoint(output_dir: str) -> Optional[str]:
@@ -236,9 +285,10 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
     )
     for _, name in reversed(steps):
         path = os.path.join(output_dir, name)
-        if is_complete_checkpoint(path):
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-        logger.warning("Skipping incomplete checkpoint %s", path)
+        logger.warning("Skipping incomplete checkpoint %s: %s", path, problem)
     return None
 
 
@@ -248,12 +298,36 @@ def resolve_resume(resume_from_checkpoint, output_dir: str) -> Optional[str]:
         return None
     if resume_from_checkpoint in (True, "true", "True", "last", "latest"):
         return last_complete_checkpoint(output_dir)
-    if not is_complete_checkpoint(resume_from_checkpoint):
+    problem = checkpoint_problem(resume_from_checkpoint)
+    if problem is not None:
         raise ValueError(
-            f"`resume_from_checkpoint`={resume_from_checkpoint!r} is not a complete checkpoint directory; pass "
-            "`true` to resume from the newest complete one."
+            f"`resume_from_checkpoint`={resume_from_checkpoint!r} is not a complete checkpoint directory ({problem}); "
+            "pass `true` to resume from the newest complete one."
         )
     return resume_from_checkpoint
+
+
+def has_final_adapter(output_dir: str) -> bool:
+    """`output_dir` holds a complete final adapter (what :func:`save_adapter` writes, `adapter_config.json` last)."""
+    from ..sharing.loading import check_adapter_dir
+
+    try:
+        check_adapter_dir(output_dir)
+    except ValueError:
+        return False
+    return True
+
+
+def finished_at(checkpoint: str, training_args) -> Optional[int]:
+    """The step of `checkpoint` when it ends the run `training_args` asks for (`max_steps`, or the checkpoint's own
+    step count when training by epochs with unchanged `num_train_epochs`); `None` when steps are left to train."""
+    state = _trainer_state(checkpoint)
+    target = training_args.max_steps
+    if target is None or target <= 0:
+        if state.get("num_train_epochs") != training_args.num_train_epochs or not state.get("max_steps"):
+            return None
+        target = state["max_steps"]
+    return state["global_step"] if state["global_step"] >= target else None
 
 
 def save_adapter(trainer, output_dir: str) -> None:
@@ -263,13 +337,31 @@ def save_adapter(trainer, output_dir: str) -> None:
     tmp = os.path.join(output_dir, f".tmp-final-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(tmp)
-    if not trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process:
+        _move_in(tmp, output_dir, trainer.args)
+
+
+def save_adapter_from_checkpoint(checkpoint: str, output_dir: str, training_args) -> None:
+    """The final adapter of a run whose last checkpoint is `checkpoint` (a crash came between it and the final save):
+    its model files, byte for byte (the Trainer saved the same model there), moved in as :func:`save_adapter` does."""
+    if training_args.process_index != 0:
         return
+    tmp = os.path.join(output_dir, f".tmp-final-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in os.listdir(checkpoint):
+        source = os.path.join(checkpoint, name)
+        if name not in CHECKPOINT_ONLY and not name.startswith("rng_state") and os.path.isfile(source):
+            shutil.copy2(source, os.path.join(tmp, name))
+    _move_in(tmp, output_dir, training_args)
+
+
+def _move_in(tmp: str, output_dir: str, training_args) -> None:
     pickled = os.path.join(tmp, "training_args.bin")
     if os.path.exists(pickled):
         os.remove(pickled)
-        with open(os.path.join(tmp, "training_args.json"), "w", encoding="utf-8") as f:
-            f.write(trainer.args.to_json_string())
+    with open(os.path.join(tmp, "training_args.json"), "w", encoding="utf-8") as f:
+        f.write(training_args.to_json_string())
     names = sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json")
     for name in names:
         os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
@@ -290,8 +382,49 @@ def training_window(max_length: Optional[int], context_length: int) -> int:
     return max_length
 
 
+def finish_or_refuse(checkpoint: Optional[str], training_args) -> bool:
+    """Whether `pi-peft train` should train, when asked to resume (`checkpoint`: the resolved one, or `None`).
+
+    A run whose `checkpoint` is already at its last step is not trained again: its final adapter is left as it is
+    (or, after a crash between that checkpoint and the final save, written from the checkpoint) and this returns
+    `False`. A resume with no checkpoint into an `output_dir` that holds a final adapter is refused: it would train
+    from scratch over it."""
+    output_dir = training_args.output_dir
+    if checkpoint is None:
+        asked = training_args.resume_from_checkpoint not in (None, False, "", "false", "False")
+        if asked and has_final_adapter(output_dir):
+            raise ValueError(
+                f"`resume_from_checkpoint`={training_args.resume_from_checkpoint!r}: `output_dir`={output_dir!r} "
+                "holds a finished adapter and no complete checkpoint to resume from, so a resume would train from "
+                "scratch over it. Choose a new `output_dir`, or move the adapter away to train again."
+            )
+        return True
+    step = finished_at(checkpoint, training_args)
+    if step is None:
+        return True
+    if has_final_adapter(output_dir):
+        logger.warning(
+            "Nothing to resume: %s is at step %d, the last step of this run, and the finished adapter in %s is left "
+            "as it is. Raise `max_steps` to train further.",
+            checkpoint,
+            step,
+            output_dir,
+        )
+    else:
+        save_adapter_from_checkpoint(checkpoint, output_dir, training_args)
+        logger.warning(
+            "Nothing to resume: %s is at step %d, the last step of this run; its adapter was saved to %s (no step "
+            "trained).",
+            checkpoint,
+            step,
+            output_dir,
+        )
+    return False
+
+
 def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_args: PIModelConfig, pi_args):
-    """Load the data and the (4-bit) base, train a PI adapter with `SFTTrainer`, save it (and push it)."""
+    """Load the data and the (4-bit) base, train a PI adapter with `SFTTrainer`, save it (and push it); returns the
+    trainer, or `None` when a resume found the run already finished (see :func:`finish_or_refuse`)."""
     from transformers import AutoConfig, AutoTokenizer
     from trl import SFTTrainer
 
@@ -303,6 +436,11 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
         field="output_dir",
         replaces_folder=False,
     )
+
+    # Resume: the newest complete checkpoint; a run that already reached its last step is not trained again
+    checkpoint = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if not finish_or_refuse(checkpoint, training_args):
+        return None
 
     # PI settings, resolved against the base model's window
     check_model_path(model_args.model_name_or_path, "model_name_or_path")
@@ -355,9 +493,7 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
     trainer.callback_handler.callbacks.insert(0, progress)  # before the printers, so they show its fields
 
     # Train (resuming from the newest complete checkpoint when asked), save, push
-    trainer.train(
-        resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-    )
+    trainer.train(resume_from_checkpoint=checkpoint)
     save_adapter(trainer, training_args.output_dir)
     trainer.accelerator.print(f"Adapter saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
