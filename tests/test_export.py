@@ -248,3 +248,35 @@ def test_export_never_overwrites_its_own_adapter(tmp_path):
             export_lora(adapter, output, overwrite=True)
     assert sorted(p.name for p in adapter.iterdir()) == before
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "PI"
+
+
+def _python_block(readme: str) -> str:
+    return readme.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_commands_run_from_the_export_parent_folder(exported, tmp_path):
+    """The exported READMEs say their commands run from the export's parent folder; their transformers snippets do
+    (in a process without pi_peft) and fail from anywhere else, which is why the README says so."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for folder in (exported["lora"], exported["merged"]["f32"]):
+        readme = (folder / "README.md").read_text()
+        assert f"from the folder that holds `{folder.name}/` (the export's parent folder)" in readme
+        code = _python_block(readme) + "\nimport sys\nprint('pi_peft' in sys.modules)\n"
+        ok = subprocess.run([sys.executable, "-c", code], cwd=folder.parent, capture_output=True, text=True, env=env)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert ok.stdout.strip().endswith("False")
+        elsewhere = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+        assert elsewhere.returncode != 0
+
+
+def test_readmes_state_what_vllm_does(exported):
+    lora = (exported["lora"] / "README.md").read_text()
+    assert "silently" not in lora  # vLLM refuses instead (measured: benchmarks/results/real_model_vllm.md)
+    assert f"vLLM refuses a `--max-model-len` above the base's {L}-token window" in lora
+    assert "--lora-modules pi=./lora \\" in lora and "--base <base model folder> ./lora --outfile" in lora
+    rank = json.loads((exported["root"] / "pi" / "adapter_config.json").read_text())["r"]
+    assert f"--max-lora-rank {rank} \\" in lora and f"at least the adapter's rank ({rank}" in lora
+    merged = (exported["merged"]["f32"] / "README.md").read_text()
+    assert f"vllm serve ./merged-f32 --max-model-len {4 * L}\n" in merged
+    # config.json: max_position_embeddings = the new window AND factor 4; vLLM multiplies them without the flag
+    assert f"({4 * L:,} x 4): without the flag it would accept {16 * L:,}-token prompts" in merged

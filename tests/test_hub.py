@@ -124,6 +124,11 @@ def test_card_body(share, online):
     assert "KeyError: 'PI'" in text  # what happens without pi_peft (checked for real in test_export.py)
     assert "pi-peft export merged me/tiny-pi" in text and "pi-peft export lora me/tiny-pi" in text
     assert f"--max-model-len {4 * L}" in text and "--rope-scaling linear --rope-scale 4" in text
+    assert "no flags to remember" not in text and "silently" not in text  # vLLM needs --max-model-len; refuses
+    assert f"vllm serve ./tiny-pi-merged --max-model-len {4 * L}" in text
+    assert f"without the flag it would accept {16 * L:,}-token prompts" in text  # max_position_embeddings x factor
+    assert f"vLLM refuses a `--max-model-len` above the base's {L}-token window" in text
+    assert "--lora-modules pi=./tiny-pi-lora" in text and "--max-lora-rank 8" in text
     assert "| optimizer steps | 1000 |" in text and "| final training loss | 1.75 |" in text
     assert "| method | LoRA |" in text  # a folder does not record whether the base was 4-bit
     assert PASSKEY_MD in text and PPL_MD in text

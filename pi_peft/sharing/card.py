@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..utils import markdown_table
-from .serving import extension_of, fmt_factor, llama_cpp_rope_flags, llama_cpp_unsupported_note, vllm_lora_command
+from .serving import (
+    extension_of,
+    fmt_factor,
+    llama_cpp_rope_flags,
+    llama_cpp_unsupported_note,
+    lora_without_flags_text,
+    vllm_lora_command,
+    vllm_merged_note,
+)
 
 EVAL_TABLES = (("passkey.md", "Passkey retrieval"), ("ppl.md", "Perplexity by context length"))
 EVAL_PLOTS = ("passkey.png", "ppl.png")
@@ -137,10 +145,10 @@ def card_text(
         f"model would run with the original RoPE and produce garbage past {ext.original_context_length:,} tokens.",
         "## How to serve",
         "Inference servers do not know pi_peft. Export first, with pi_peft installed:",
-        "- **Merged model** (any server, no flags to remember; works for every adapter):\n\n"
+        "- **Merged model** (any server, no RoPE flags; works for every adapter):\n\n"
         f"  ```bash\n  pi-peft export merged {repo_id} {name}-merged\n  vllm serve ./{name}-merged --max-model-len "
         f"{ext.context_length}\n  ```\n\n  Its `config.json` carries the extended `rope_parameters` and "
-        "`max_position_embeddings` for the new window.",
+        f"`max_position_embeddings` for the new window. {vllm_merged_note(ext)}",
     ]
     if config.get("train_embeddings") or config.get("train_norms") or config.get("modules_to_save"):
         parts.append(
@@ -156,8 +164,8 @@ def card_text(
             else f"  {llama_cpp_unsupported_note(ext)}"
         )
         parts.append(
-            "- **Plain LoRA** (`peft_type: LORA`) for vLLM or llama.cpp, which then need the RoPE flags below "
-            "(without them they silently use the original RoPE):\n\n"
+            "- **Plain LoRA** (`peft_type: LORA`) for vLLM or llama.cpp, which then need the RoPE flags below. "
+            f"{lora_without_flags_text(ext)}\n\n"
             f"  ```bash\n  pi-peft export lora {repo_id} {name}-lora\n"
             f"  {vllm_lora_command(ext, base, f'./{name}-lora', rank).replace(chr(10), chr(10) + '  ')}\n  ```\n\n"
             + llama

@@ -44,7 +44,15 @@ from .loading import (
     resolve_adapter_dir,
     resolve_dtype,
 )
-from .serving import extension_of, fmt_factor, llama_cpp_rope_flags, llama_cpp_unsupported_note, vllm_lora_command
+from .serving import (
+    extension_of,
+    fmt_factor,
+    llama_cpp_rope_flags,
+    llama_cpp_unsupported_note,
+    lora_without_flags_text,
+    vllm_lora_command,
+    vllm_merged_note,
+)
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
@@ -80,10 +88,12 @@ def _merged_card(ext, base: str, output_name: str) -> str:
         f"`{base}` with a pi_peft Position Interpolation adapter merged in: context window "
         f"{ext.original_context_length:,} -> {ext.context_length:,} tokens (`rope_type={ext.rope_type!r}`, factor "
         f"{fmt_factor(ext.scaling_factor)}). `config.json` carries the extended `rope_parameters`, so plain "
-        "transformers, vLLM and llama.cpp's `convert_hf_to_gguf.py` pick it up without pi_peft:\n\n"
+        "transformers, vLLM and llama.cpp's `convert_hf_to_gguf.py` pick it up without pi_peft. The commands below "
+        f"run from the folder that holds `{output_name}/` (the export's parent folder):\n\n"
         "```python\nfrom transformers import AutoModelForCausalLM\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{output_name}")\n```\n\n'
-        f"```bash\nvllm serve {output_name} --max-model-len {ext.context_length}\n```\n"
+        f'model = AutoModelForCausalLM.from_pretrained("./{output_name}")\n```\n\n'
+        f"```bash\nvllm serve ./{output_name} --max-model-len {ext.context_length}\n```\n\n"
+        f"{vllm_merged_note(ext)}\n"
     )
 
 
@@ -160,7 +170,7 @@ def plain_lora_config(pi_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _lora_readme(ext, base: str, output: Path, rank: int) -> str:
-    output_name = str(output)
+    output_name = f"./{output.name}"  # the commands run from the export's parent folder (said below)
     llama = llama_cpp_rope_flags(ext)
     llama_text = (
         "```bash\n"
@@ -174,12 +184,14 @@ def _lora_readme(ext, base: str, output: Path, rank: int) -> str:
         f"This is a standard peft LoRA adapter (`peft_type: LORA`) for `{base}`. It was trained with Position "
         f"Interpolation: the context window grew from {ext.original_context_length:,} to {ext.context_length:,} "
         f"tokens (`rope_type={ext.rope_type!r}`, factor {fmt_factor(ext.scaling_factor)}). **The adapter does not "
-        "carry that RoPE change**: a tool must be told, or it silently runs with the original RoPE and the output "
-        f"degrades past {ext.original_context_length:,} tokens.\n\n"
+        f"carry that RoPE change**: each tool must be told, with the flags below. {lora_without_flags_text(ext)}\n\n"
+        f"The commands run from the folder that holds `{output.name}/` (the export's parent folder); `{base}` is the "
+        "base model as the adapter records it (`base_model_name_or_path`).\n\n"
         "## vLLM\n\n"
         f"```bash\n{vllm_lora_command(ext, base, output_name, rank)}\n```\n\n"
         "`--hf-overrides` replaces the base's `rope_parameters` with the extended ones; `--max-model-len "
-        f"{ext.context_length}` is the new window.\n\n"
+        f"{ext.context_length}` is the new window; `--max-lora-rank` must be at least the adapter's rank ({rank}; "
+        "vLLM's default is 16).\n\n"
         "## llama.cpp\n\n"
         f"{llama_text}\n"
         "## transformers + peft\n\n"

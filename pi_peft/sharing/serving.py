@@ -88,6 +88,31 @@ def vllm_lora_command(ext: Extension, base: str, adapter_path: str, rank: int, n
     return " \\\n  ".join(lines)
 
 
+def vllm_merged_note(ext: Extension) -> str:
+    """Why ``vllm serve`` of the merged export needs ``--max-model-len`` (measured: ``benchmarks/real_model.py``)."""
+    text = (
+        f"Keep `--max-model-len {ext.context_length}`: vLLM derives its window from `config.json`'s "
+        "`max_position_embeddings` and the RoPE `factor`"
+    )
+    if ext.rope_type == "linear":  # pi_peft writes max_position_embeddings = the new window; vLLM multiplies
+        derived = int(round(ext.context_length * ext.scaling_factor))
+        text += (
+            f", and for `linear` it multiplies them ({ext.context_length:,} x {fmt_factor(ext.scaling_factor)}): "
+            f"without the flag it would accept {derived:,}-token prompts, past the window the model was trained for"
+        )
+    return text + "."
+
+
+def lora_without_flags_text(ext: Extension) -> str:
+    """What vLLM and llama.cpp do with the plain LoRA export when they are not given its RoPE flags."""
+    window = f"{ext.original_context_length:,}"
+    return (
+        f"Without them vLLM refuses a `--max-model-len` above the base's {window}-token window (forced with "
+        "`VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`, it runs with the original RoPE), and llama.cpp runs with the original "
+        f"RoPE; with the original RoPE the output degrades past {window} tokens."
+    )
+
+
 def llama_cpp_rope_flags(ext: Extension) -> Optional[str]:
     """llama.cpp runtime flags that reproduce the adapter's RoPE, or ``None`` when llama.cpp has no such flag."""
     info = ROPE_TYPES[ext.rope_type]
