@@ -19,7 +19,8 @@ pi_peft module, and fails on any change that :data:`PATCHES` does not list). The
    card and evaluation files; peft's route overwrites the card), unchanged for every other model. The sharing layer
    is imported only when a PI model is pushed.
 5. ``trl.SFTTrainer.__init__``: for a PI adapter, ``max_length`` left at trl's default becomes the adapter's window,
-   and a longer one is refused (``pi_peft.training.window``); every other trainer is untouched.
+   and a longer one is refused; padding-free rows (untruncated by trl) must fit it (``pi_peft.training.window``);
+   every other trainer is untouched.
 6. ``warnings.filters``: one filter for transformers' ``is_gradient_checkpointing`` deprecation, which peft 0.21 and
    trl 1.16 trigger on every ``get_peft_model`` / ``SFTTrainer`` and no user can act on.
 
@@ -290,11 +291,12 @@ def install_sft_trainer_guard() -> None:
 
     @functools.wraps(original)
     def __init__(self, *args: Any, **kwargs: Any):
-        from .training.window import align_sft_arguments
+        from .training.window import align_sft_arguments, check_padding_free_rows
 
         bound = signature.bind(self, *args, **kwargs)
-        align_sft_arguments(bound.arguments)
-        return original(*bound.args, **bound.kwargs)
+        window = align_sft_arguments(bound.arguments)
+        original(*bound.args, **bound.kwargs)
+        check_padding_free_rows(self, window)
 
     setattr(__init__, _PI_PEFT_MARK, True)
     SFTTrainer.__init__ = __init__

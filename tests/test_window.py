@@ -91,3 +91,29 @@ def test_get_peft_model_and_sft_trainer_raise_no_future_warning(tmp_path):
         [sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("words, fits", [(20, True), (120, False)])
+def test_padding_free_without_packing_keeps_max_length_none_and_checks_the_rows(sft_parts, tmp_path, words, fits):
+    # issue 19 item 7: trl requires `max_length=None` here (it does not truncate); pi_peft used to set the window
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer, _ = sft_parts
+    data = Dataset.from_dict({"text": ["the quick brown fox jumps " * words] * 4})
+    args = SFTConfig(str(tmp_path), report_to="none", use_cpu=True, padding_free=True, packing=False, max_length=None)
+    make = lambda: SFTTrainer(  # noqa: E731
+        model=tiny_model(vocab_size=len(tokenizer)),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=PIConfig(scaling_factor=4.0, target_modules=["q_proj"]),
+    )
+    if not fits:
+        with pytest.raises(ValueError, match=rf"4 of 4 training rows are longer than .* `context_length`={4 * L}"):
+            make()
+        return
+    trainer = make()
+    assert trainer.args.max_length is None and trainer.padding_free
+    assert max(len(row["input_ids"]) for row in trainer.train_dataset) <= 4 * L
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch  # really padding-free
