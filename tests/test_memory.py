@@ -115,9 +115,9 @@ def _pi_config():
     return PIConfig(context_length=128, r=4, target_modules="all-linear", init_lora_weights=False)
 
 
-@pytest.fixture
-def fourbit(tiny_checkpoint):
-    """A 4-bit NF4 (double quant) tiny Llama with random LoRA weights."""
+def _nf4_base(tiny_checkpoint):
+    """The tiny Llama quantised to NF4 (double quant) by bitsandbytes on CPU."""
+    pytest.importorskip("bitsandbytes", reason="4-bit tests need bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(
@@ -126,8 +126,13 @@ def fourbit(tiny_checkpoint):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,  # bf16 compute would differ from the fp32 reference by rounding alone
     )
-    qbase = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, quantization_config=quant, device_map="cpu")
-    return get_peft_model(qbase, _pi_config())
+    return AutoModelForCausalLM.from_pretrained(tiny_checkpoint, quantization_config=quant, device_map="cpu")
+
+
+@pytest.fixture
+def fourbit(tiny_checkpoint):
+    """A 4-bit NF4 (double quant) tiny Llama with random LoRA weights."""
+    return get_peft_model(_nf4_base(tiny_checkpoint), _pi_config())
 
 
 def _dequantised_reference(qmodel, tiny_checkpoint):
@@ -174,10 +179,14 @@ def test_4bit_lora_gradients_after_eval_forward_match_dequantised_fp32(fourbit, 
 
 
 def test_bnb_cpu_trap_is_real_here_and_fixing_late_unpacks_the_weights(fourbit, tiny_checkpoint):
+    import bitsandbytes as bnb
     from bitsandbytes.functional import has_avx512bf16
 
     ids = torch.randint(0, 128, (2, 100))
     ref_grads = _lora_grads(_dequantised_reference(fourbit, tiny_checkpoint), ids)
+    for module in fourbit.modules():  # undo the tuner's fix: a 4-bit model as plain peft or transformers leave it
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = True
     _eval_forward(fourbit, ids)  # no fix yet
     if has_avx512bf16():  # this CPU has the trap: the unfixed gradients are wrong
         assert _max_rel_error(_lora_grads(fourbit, ids), ref_grads) > 0.1
@@ -187,3 +196,31 @@ def test_bnb_cpu_trap_is_real_here_and_fixing_late_unpacks_the_weights(fourbit, 
     _eval_forward(fourbit, ids)
     ref = _dequantised_reference(fourbit, tiny_checkpoint)
     assert _max_rel_error(_lora_grads(fourbit, ids), _lora_grads(ref, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["get_peft_model", "from_pretrained", "add_adapter", "mla"])
+def test_every_pi_and_mla_model_is_safe_from_the_cpu_repack_from_injection(tiny_checkpoint, tmp_path, path):
+    """Regression (issue 19, item 1): `get_peft_model(nf4_model, PIConfig(...))`, an evaluation under no_grad (what
+    `SFTTrainer(eval_strategy="steps")` runs) and a training step gave LoRA gradients >5% off on avx512_bf16 CPUs:
+    only `pi-peft train` and `apply_memory_savers` guarded against bitsandbytes' CPU repack, not the tuner."""
+    from peft import PeftModel
+
+    from pi_peft import MLAConfig
+
+    if path == "mla":
+        model = get_peft_model(_nf4_base(tiny_checkpoint), MLAConfig(kv_rank=12, rope_dims=4, r=4,
+                                                                     target_modules=["q_proj", "o_proj", "up_proj"],
+                                                                     init_lora_weights=False))  # fmt: skip
+    else:
+        model = get_peft_model(_nf4_base(tiny_checkpoint), _pi_config())
+    if path == "from_pretrained":
+        model.save_pretrained(tmp_path)
+        model = PeftModel.from_pretrained(_nf4_base(tiny_checkpoint), tmp_path, is_trainable=True)
+    elif path == "add_adapter":
+        model.add_adapter("second", _pi_config())
+        model.set_adapter("second")
+    ids = torch.randint(0, 128, (2, 100))
+    reference = _lora_grads(model, ids)  # a training step that no evaluation preceded
+    assert reference and all(g.abs().sum() > 0 for g in reference.values())
+    _eval_forward(model, ids)
+    assert _max_rel_error(_lora_grads(model, ids), reference) < 1e-6

@@ -393,10 +393,11 @@ def four_bit_llama(path):
 @pytest.mark.parametrize("forward_first", [False, True])  # True: bitsandbytes has repacked weights for its CPU kernel
 def test_four_bit_base_converts_from_dequantised_weights_and_generates(tiny_checkpoint, ids, forward_first):
     base = four_bit_llama(tiny_checkpoint)
-    reference = logits(base, ids)  # the 4-bit model's own logits
-    if not forward_first:
-        base = four_bit_llama(tiny_checkpoint)
+    if forward_first:
+        logits(base, ids)  # a no-grad eval forward: bitsandbytes repacks the weights (undone at injection)
     full = get_peft_model(base, MLAConfig(kv_rank=KV_HEADS * HEAD_DIM, rope_dims=HEAD_DIM))
+    with full.disable_adapter():
+        reference = logits(full, ids)  # the 4-bit model's own logits, through the kernel the MLA model uses
     assert all(p.dtype == torch.float32 for n, p in full.named_parameters() if ".mla_" in n)
     assert type(full.get_base_model().model.layers[0].self_attn.base_layer.q_proj.base_layer).__name__ == "Linear4bit"
     unquantised = logits(tiny_model("llama"), ids)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 
@@ -12,15 +14,16 @@ def fix_bnb_cpu_repack(model: nn.Module) -> int:
     layer runs in eval mode on an input without grad (any `torch.no_grad()` evaluation). That kernel has no autograd
     path, so later training steps compute LoRA gradients that are silently wrong (relative error ~1) while the loss
     looks normal. This sets `support_avx512bf16_for_cpu = False` on every `Linear4bit` and unpacks weights that were
-    already repacked (best effort: the repack rounded their absmax to bf16, so call this before any evaluation, as
-    `pi-peft train` does when it loads the model). Harmless on GPU and on models without 4-bit layers.
+    already repacked (best effort: the repack rounded their absmax to bf16, so call this before any evaluation).
+    Every PI/MLA adapter calls it when it is injected (`get_peft_model`, `PeftModel.from_pretrained`, `add_adapter`,
+    `load_adapter`), so a pi_peft model is safe from its first forward. Harmless on GPU and on models without 4-bit
+    layers; it never imports bitsandbytes itself (a model with 4-bit layers has imported it already).
 
     Returns:
         `int`: the number of `Linear4bit` modules fixed.
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    bnb = sys.modules.get("bitsandbytes")  # no 4-bit layer can exist before bitsandbytes is imported
+    if bnb is None:
         return 0
     count = 0
     for module in model.modules():

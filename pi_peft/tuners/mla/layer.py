@@ -392,23 +392,9 @@ def _linear_weight(module: nn.Module) -> torch.Tensor:
     from peft.utils.integrations import dequantize_module_weight
 
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-    if getattr(getattr(getattr(base, "weight", None), "quant_state", None), "packing_format_for_cpu", False):
-        # bitsandbytes repacks a 4-bit weight for its CPU kernel at the first no-grad forward; its dequantiser (and so
-        # peft's dequantize_module_weight) does not read that layout and returns wrong values. Read the weight
-        # through the layer itself instead.
-        return _weight_through_forward(base)
+    # never bitsandbytes' CPU-repacked layout, which its dequantiser does not read: the tuner's `inject_adapter`
+    # unpacks it (`fix_bnb_cpu_repack`) before the MLA layers are built, and no forward repacks it afterwards
     return dequantize_module_weight(base)
-
-
-@torch.no_grad()
-def _weight_through_forward(linear: nn.Module) -> torch.Tensor:
-    """``W (out, in)`` of a linear layer as its own forward computes it: ``linear(I) - bias = W^T``."""
-    dtype = getattr(linear, "compute_dtype", None) or torch.float32
-    eye = torch.eye(linear.in_features, dtype=dtype, device=linear.weight.device)  # (in, in)
-    out = linear(eye)  # (in, out)
-    if getattr(linear, "bias", None) is not None:
-        out = out - linear.bias.to(out.dtype)
-    return out.T
 
 
 def _eager_of(attn: nn.Module):

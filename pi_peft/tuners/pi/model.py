@@ -8,6 +8,7 @@ from torch import nn
 
 from ...integrations import retry_deferred
 from ...ops import s2_attn
+from ...ops.bnb import fix_bnb_cpu_repack
 from ...rope import ROPE_TYPES, model_rope_config, rope_parameters_of, scaled_rope_parameters, set_rope_parameters
 from .config import PIConfig
 
@@ -85,6 +86,12 @@ class PIModel(LoraModel):
             self._pi_original_attn = model.config._attn_implementation
         if peft_config.s2_attn and not peft_config.inference_mode:  # an unwrappable attention fails now, not later
             s2_attn.s2_implementation_name(self._pi_original_attn, peft_config.s2_group_size_ratio)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # every path that adds an adapter (get_peft_model, from_pretrained, add_adapter, load_adapter) comes here:
+        # from now on no evaluation can repack a 4-bit weight into bitsandbytes' gradient-less CPU kernel
+        fix_bnb_cpu_repack(model)
 
     def _post_injection_hook(self, model: nn.Module, config: PIConfig, adapter_name: str) -> None:
         super()._post_injection_hook(model, config, adapter_name)
