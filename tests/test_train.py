@@ -199,3 +199,26 @@ def test_train_refuses_to_write_into_its_base_model(tmp_path, tiny_checkpoint, c
     argv += ["--scaling_factor", "2", "--use_cpu", "--bf16", "false", "--dtype", "float32", "--data_files", "x.txt"]
     assert pi_peft_main(argv) == 2
     assert "`output_dir`=" in capsys.readouterr().err
+
+
+def test_activation_offloading_on_cpu_is_turned_off_with_one_line(assets, tmp_path, caplog):
+    # issue 19 item 8: the Llama-3 recipes set it; on CPU trl's offloader died with an AttributeError (no CUDA)
+    out = tmp_path / "offload"
+    trainer = main(*parse_train_args(_argv(assets, out, "--activation_offloading", "true", "--max_steps", "1")))
+    assert trainer.state.global_step == 1 and os.path.exists(out / "adapter_model.safetensors")
+    lines = [r.getMessage() for r in caplog.records if "activation_offloading" in r.getMessage()]
+    assert lines == [
+        "`activation_offloading` has no effect when training on CPU (activations already live in CPU memory): "
+        "off for this run."
+    ]
+    assert trainer.args.activation_offloading is False
+
+
+def test_activation_offloading_on_a_gpu_is_passed_through():
+    from pi_peft.training.memory import offloading_for_device
+
+    args = SimpleNamespace(activation_offloading=True)
+    offloading_for_device(args, on_cpu=False)
+    assert args.activation_offloading is True
+    offloading_for_device(args, on_cpu=True)
+    assert args.activation_offloading is False

@@ -5,7 +5,8 @@
 - sequence-tiled MLPs: `pi_peft.ops.tiled_mlp` (ALST's TiledMLP).
 - [`attn_implementation`]: `"flash_attention_2"` when it is installed and a GPU is there, else `"sdpa"`.
 - the bitsandbytes CPU fix: `pi_peft.ops.bnb.fix_bnb_cpu_repack`.
-- Activation offload to CPU: trl's `SFTConfig(activation_offloading=True)`, or [`activation_offload`] in a plain loop.
+- Activation offload to CPU: trl's `SFTConfig(activation_offloading=True)`, or [`activation_offload`] in a plain loop;
+  both GPU only ([`offloading_for_device`]: on CPU the activations already live in CPU memory).
 
 The losses that never build the full `(tokens x vocab)` logits are in `pi_peft.ops.losses`.
 """
@@ -100,3 +101,15 @@ def activation_offload(model: nn.Module):
 
     with get_act_offloading_ctx_manager(model=model):
         yield
+
+
+def offloading_for_device(training_args, on_cpu: bool) -> None:
+    """trl's `activation_offloading` moves saved activations from the GPU to CPU memory (with CUDA streams). Training
+    on CPU they already live there, so it is turned off, with one log line (trl's offloader would fail without
+    CUDA); on a GPU it is left as it is."""
+    if on_cpu and getattr(training_args, "activation_offloading", False):
+        logger.warning(
+            "`activation_offloading` has no effect when training on CPU (activations already live in CPU memory): "
+            "off for this run."
+        )
+        training_args.activation_offloading = False

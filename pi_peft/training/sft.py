@@ -207,6 +207,11 @@ def quantization_config(model_args: ModelConfig):
     return get_quantization_config(model_args)
 
 
+def on_cpu_device(training_args) -> bool:
+    """The run trains on CPU (`use_cpu`, or no GPU)."""
+    return bool(training_args.use_cpu) or not torch.cuda.is_available()
+
+
 def load_training_model(model_args: ModelConfig, training_args: SFTConfig):
     """The base causal LM for training, through the one loader (:func:`pi_peft.sharing.loading.load_base_model`):
     4-bit NF4 when asked, SDPA / FlashAttention 2, bitsandbytes CPU fix applied."""
@@ -214,7 +219,7 @@ def load_training_model(model_args: ModelConfig, training_args: SFTConfig):
     from ..sharing.loading import load_base_model
     from .memory import attn_implementation
 
-    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    on_cpu = on_cpu_device(training_args)
     quant = quantization_config(model_args)
     kwargs = dict(
         revision=model_args.model_revision,
@@ -468,6 +473,9 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
         training_args.packing = False  # already packed into exact windows
 
     # Model (4-bit NF4 when asked) and trainer; SFTTrainer applies the PIConfig and its fused chunked loss
+    from .memory import offloading_for_device
+
+    offloading_for_device(training_args, on_cpu_device(training_args))
     model = load_training_model(model_args, training_args)
     if training_args.tiled_mlp or training_args.tile_tokens is not None:
         from .memory import apply_memory_savers
