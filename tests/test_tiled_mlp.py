@@ -152,3 +152,61 @@ def test_4bit_tiled_equals_untiled(tiny_checkpoint):
     tiled = apply_memory_savers(load(), tiled_mlp=True, tile_tokens=TILE)
     assert type(tiled.base_model.model.model.layers[0].mlp.gate_proj.base_layer).__name__ == "Linear4bit"
     _assert_same(_step(tiled), _step(untiled), rtol=1e-4)
+
+
+# ---- mixture-of-experts blocks (issue 19, items 2 and 3) ----
+def _moe_model(family, **overrides):
+    """A tiny Qwen3-MoE or Mixtral (4 experts, top 2) with the router aux loss on, in train mode."""
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+
+    from pi_peft.testing import TINY_DIMS
+
+    kwargs = dict(TINY_DIMS, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
+    if family == "qwen3_moe":
+        config = Qwen3MoeConfig(**kwargs, num_experts=4, moe_intermediate_size=32, **overrides)
+    else:
+        config = MixtralConfig(**kwargs, num_local_experts=4, **overrides)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).train()
+
+
+@pytest.mark.parametrize(
+    "family, overrides, batch",
+    [
+        ("qwen3_moe", {}, 1),  # was: loss equal, router gradient ~100% off (router logits computed under no grad)
+        ("mixtral", {}, 1),  # the same
+        ("qwen3_moe", {}, 2),  # was: RuntimeError: view size is not compatible ... inside the block
+        ("mixtral", {"router_jitter_noise": 0.1}, 1),  # was: a leaf Variable ... in-place operation
+    ],
+)
+def test_moe_blocks_are_refused_naming_the_block_and_the_fix(family, overrides, batch):
+    model = _moe_model(family, **overrides)
+    ids = IDS[:1].repeat(batch, 1)
+    untiled = model(input_ids=ids, labels=ids)
+    assert untiled.aux_loss > 0 and untiled.loss.requires_grad  # the router's aux loss is part of the loss
+    block = type(model.model.layers[0].mlp).__name__
+    expected = rf"`tiled_mlp` cannot tile `model\.layers\.{{}}\.mlp` \({block}\), a mixture-of-experts block .*router"
+    with pytest.raises(ValueError, match=expected.format(0) + r".*Leave `tiled_mlp` off for this model\.$"):
+        apply_tiled_mlp(model, TILE)
+    with pytest.raises(ValueError, match=expected.format(1)):  # naming the block explicitly does not get around it
+        apply_tiled_mlp(model, TILE, modules=[model.model.layers[1].mlp])
+    assert not any(hasattr(m, "_pi_tiled_mlp") for m in model.modules())  # nothing half-applied
+    peft_model = get_peft_model(model, PIConfig(context_length=256, r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match=r"cannot tile `base_model\.model\.model\.layers\.0\.mlp`"):
+        apply_memory_savers(peft_model, tiled_mlp=True, tile_tokens=TILE)
+
+
+def test_the_dense_mlps_of_a_moe_model_tile_exactly_with_the_aux_loss():
+    """The error's fix (tile only the dense MLPs) keeps loss, aux loss and every gradient, the router's included."""
+    from pi_peft.ops.tiled_mlp import is_moe_block
+
+    untiled, tiled = _moe_model("qwen3_moe", mlp_only_layers=[0]), _moe_model("qwen3_moe", mlp_only_layers=[0])
+    with pytest.raises(ValueError, match=r"or tile its 1 dense MLP\(s\) only: `apply_tiled_mlp\(model, modules="):
+        apply_tiled_mlp(tiled, TILE)
+    dense = [m for m in find_mlp_modules(tiled) if not is_moe_block(m)]
+    assert [type(m).__name__ for m in dense] == ["Qwen3MoeMLP"]
+    assert apply_tiled_mlp(tiled, TILE, modules=dense) == 1
+    ids = IDS[:1].repeat(2, 1)  # batch 2
+    run, ref = _step(tiled, ids), _step(untiled, ids)
+    assert any(".gate.weight" in name and grad.abs().sum() > 0 for name, grad in ref[1].items())
+    _assert_same(run, ref)

@@ -6,6 +6,13 @@ What is exact: without dropout inside the MLP, the loss and gradients equal the 
 dropout there (LoRA dropout on the MLP's projections), each tile draws its own masks, so a tiled step does not see the
 masks an untiled step would; its gradients are still exactly those of its own forward (the backward replays the
 forward's RNG state, as `torch.utils.checkpoint` does).
+
+What is refused: mixture-of-experts blocks (Mixtral, Qwen2/3-MoE, DeepSeek, GPT-OSS, ...: any MLP with `experts` or a
+router). A tile's no-grad forward would record the router logits that `output_router_logits` /
+`router_aux_loss_coef` turn into the load-balancing loss without their graph (loss unchanged, router and LoRA
+gradients wrong), and these blocks reshape the whole batch with `view` and scale their input in place
+(`router_jitter_noise`), which a tile of a batch cannot serve. `apply_tiled_mlp` raises, naming the block; the dense
+MLPs of such a model (e.g. Qwen3-MoE's `mlp_only_layers`, Llama 4's shared expert) can be tiled with `modules=`.
 """
 
 from __future__ import annotations
@@ -129,9 +136,19 @@ def _tiled_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     return TiledMLPFunction.apply(forward_fn, tile, x, *params)
 
 
+def is_moe_block(module: nn.Module) -> bool:
+    """Whether `module` is (or contains) a mixture-of-experts block: a submodule named `experts`, or one whose name
+    or class name contains `router` (Mixtral's `MixtralTopKRouter`, GPT-OSS's `router`, Doge's `router_gate`, ...)."""
+    return any(
+        name.rsplit(".", 1)[-1] == "experts" or "router" in f"{name.rsplit('.', 1)[-1]} {type(sub).__name__}".lower()
+        for name, sub in module.named_modules()
+    )
+
+
 def find_mlp_modules(model: nn.Module) -> list[nn.Module]:
     """The MLPs of `model`'s decoder layers, family-agnostic: every child named `mlp` and every module whose class
-    name ends with `MLP` (outermost only; e.g. `LlamaMLP`, `Qwen2MLP`, `GPT2MLP`)."""
+    name ends with `MLP` (outermost only; e.g. `LlamaMLP`, `Qwen2MLP`, `GPT2MLP`; a mixture-of-experts block is found
+    too, and [`apply_tiled_mlp`] refuses it, see [`is_moe_block`])."""
     found: dict[int, nn.Module] = {}
     nested: set[int] = set()
     for name, module in model.named_modules():
@@ -167,6 +184,23 @@ def apply_tiled_mlp(
         raise ValueError(
             f"`tiled_mlp`: found no MLP in {type(model).__name__} (no child named `mlp`, no class ending in 'MLP'); "
             "pass `modules=[...]` to `apply_tiled_mlp`, or leave `tiled_mlp` off."
+        )
+    moe = [m for m in modules if is_moe_block(m)]
+    if moe:
+        names = {id(m): n for n, m in model.named_modules()}
+        dense = len(modules) - len(moe)
+        raise ValueError(
+            f"`tiled_mlp` cannot tile `{names.get(id(moe[0]), '?')}` ({type(moe[0]).__name__}), a mixture-of-experts "
+            f"block ({len(moe)} of the {len(modules)} MLP(s) to tile in {type(model).__name__}): inside a tile its router runs without gradient (the "
+            "router logits of `output_router_logits` / `router_aux_loss_coef` would lose their graph: the aux loss "
+            "would be unchanged but its gradients wrong), and the block reshapes the whole batch and scales its input "
+            "in place (`router_jitter_noise`). Leave `tiled_mlp` off for this model"
+            + (
+                f", or tile its {dense} dense MLP(s) only: `apply_tiled_mlp(model, modules=[m for m in "
+                "find_mlp_modules(model) if not is_moe_block(m)])`."
+                if dense
+                else "."
+            )
         )
     for module in modules:
         setattr(module, TILED_ATTR, tile_tokens)
