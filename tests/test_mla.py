@@ -375,6 +375,32 @@ def test_s2_attn_training_equals_the_reference_rule_and_trains(ids):
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), part
 
 
+def test_generate_in_train_mode_with_s2_attn_uses_full_attention(monkeypatch):
+    """Regression (issue 19, item 6): `MLAModel.generate` skipped `PIModel.generate`'s switch to full attention, so a
+    train-mode `generate()` (e.g. a sample during training) ran its prefill with S²-Attn and gave other tokens."""
+    from pi_peft.ops import s2_attn
+
+    calls = []
+    kernel = s2_attn.s2_attention
+    monkeypatch.setattr(s2_attn, "s2_attention", lambda *a, **kw: calls.append(a[0].shape[2]) or kernel(*a, **kw))
+    model = get_peft_model(tiny_model("llama"), MLAConfig(kv_rank=12, rope_dims=4, scaling_factor=4.0,
+                                                          s2_attn=True, lora_dropout=0.0))  # fmt: skip
+    perturb(model)
+    prompt = torch.randint(3, 128, (2, 2 * L), generator=torch.Generator().manual_seed(4))  # S² blocks of 32 tokens
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    eval_tokens = model.eval().generate(prompt, **kwargs)
+    model.train()
+    with torch.no_grad():
+        model(prompt, use_cache=False)
+    assert calls == [2 * L] * TINY_DIMS["num_hidden_layers"]  # the spy sees S² when it runs: in a training forward
+    calls.clear()
+    train_tokens = model.generate(prompt, **kwargs)
+    assert calls == []  # the prefill (and every decoding step) ran full attention
+    assert torch.equal(train_tokens, eval_tokens)
+    assert s2_attn.is_s2_implementation(model.get_base_model().config._attn_implementation)  # S² again after it
+    assert model.training
+
+
 # ---- 4-bit base (QLoRA-style) -------------------------------------------------------------------------------------
 def four_bit_llama(path):
     """The tiny Llama at ``path`` quantised to NF4 by bitsandbytes on CPU, or a skip saying why it cannot be."""
