@@ -342,10 +342,60 @@ def test_bad_s2_attn_flag():
         pi_peft.PIConfig(scaling_factor=2.0, s2_attn="yes")
 
 
-def test_block_shorter_than_two_tokens():
+def test_row_too_short_for_blocks_of_two_gets_full_attention_and_trains():
+    """Regression (issue 19, item 9): a row shorter than 2 / ratio tokens (blocks of < 2 tokens) stopped training with
+    a ValueError at that step; it gets full causal attention (LongLoRA's rule), longer rows still get S²."""
     model = s2_model().train()
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(3))
+    for length in (1, 2, 7):  # int(0.25 * 7) = 1
+        loss = model(input_ids=ids[:, :length], labels=ids[:, :length]).loss
+        if length > 1:
+            loss.backward()
+        model.eval()
+        with torch.no_grad():
+            want = model(input_ids=ids[:, :length]).logits
+        model.train()
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids[:, :length]).logits, want, atol=1e-5, rtol=0)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+    model.train()
+    with torch.no_grad():  # 8 tokens: blocks of 2, S² again
+        assert (model(input_ids=ids).logits - full).abs().max() > 1e-3
     with pytest.raises(ValueError, match=r"`s2_group_size_ratio`=0.25 gives S²-Attn blocks of 1 token"):
-        model(input_ids=torch.randint(0, 128, (1, 7)))
+        s2_attn.s2_group_size(7, 0.25)  # the rule itself still says why (the estimator and direct callers use it)
+
+
+def test_sft_trainer_trains_through_a_row_too_short_for_s2_blocks(tmp_path, tiny_tokenizer):
+    """Regression (issue 19, item 9): one SFT row shorter than 2 / ratio tokens, batched alone, stopped `train()` at
+    that step (and a resume hit the same row again); now every step trains, the short one with full attention."""
+    from _train_helpers import tiny_sft_trainer
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    rows_ = [torch.randint(3, len(tiny_tokenizer), (n,), generator=g).tolist() for n in (40, 5, 33, 48)]
+    trainer = tiny_sft_trainer(
+        tmp_path,
+        tiny_tokenizer,
+        pi_peft.PIConfig(context_length=192, target_modules=["q_proj", "v_proj"], s2_attn=True),
+        Dataset.from_dict({"input_ids": rows_}),
+        per_device_train_batch_size=1,
+        max_steps=4,
+        logging_steps=1,
+        max_length=192,
+    )
+    lengths = []
+    attention = next(m for n, m in trainer.model.named_modules() if n.endswith("layers.0.self_attn"))
+    attention.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append((kwargs["hidden_states"].shape[1], module.training)),
+        with_kwargs=True,
+    )
+    trainer.train()
+    assert sorted(set(lengths)) == [(5, True), (33, True), (40, True), (48, True)]  # the 5-token row: a training step
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert trainer.state.global_step == 4 and len(losses) == 4 and all(math.isfinite(x) for x in losses)
 
 
 def test_output_attentions_in_training():

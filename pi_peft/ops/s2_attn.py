@@ -9,7 +9,8 @@ and H query heads, with block size G = int(ratio * T),
 
 and no token ever attends outside its block. Unlike LongLoRA's non-flash code, nothing wraps around: the first G/2
 tokens of the shifted heads form a short block of their own and never see the last tokens of the row (LongLoRA's
-`roll` leaks future tokens into the past, LongLoRA issues #15 and #90). Packed rows (`position_ids` restarting at 0,
+`roll` leaks future tokens into the past, LongLoRA issues #15 and #90). A row shorter than `2 / ratio` tokens (blocks
+of fewer than 2 tokens) gets full causal attention. Packed rows (`position_ids` restarting at 0,
 or `cu_seq_lens_q`) never attend across documents and padded keys are never attended: the blocks are intersected
 with the documents and padding is dropped before the blocks are formed.
 
@@ -367,7 +368,7 @@ def s2_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function of S²-Attn (registered as `pi_s2_<base>_<ratio>`): S² while the attention
-    module is training on a full sequence, the model's normal attention otherwise."""
+    module is training on a full sequence of at least `2 / ratio` tokens, the model's normal attention otherwise."""
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"S²-Attn received a {attention_mask.dim()}D attention mask; it supports 2D padding masks and packed rows "
@@ -375,7 +376,9 @@ def s2_attention_forward(
         )
     cu_seq_lens = kwargs.pop("cu_seq_lens_q", None)
     batch, seq_len = query.shape[0], query.shape[2]
-    in_training = module.training and seq_len == key.shape[2] and seq_len > 1
+    # a row too short for blocks of 2 tokens (T < 2 / ratio) gets full attention, as LongLoRA's rule implies (a block
+    # of at most one token would be no attention at all): e.g. a short SFT example in a batch of its own
+    in_training = module.training and seq_len == key.shape[2] and int(s2_ratio * seq_len) >= 2
     docs = None
     if cu_seq_lens is not None or kwargs.get("position_ids") is not None:
         docs = document_ids(batch, seq_len, kwargs.get("position_ids"), cu_seq_lens if in_training else None)
