@@ -163,3 +163,70 @@ def test_estimate_matches_measured_cpu_peak_with_tiling_and_a_large_loss_chunk()
         measured = measure_cpu_peak(dims, T, tiled_mlp=tiled)
         estimated = estimate_memory(dims, T, tiled_mlp=tiled, **kwargs).total
         assert 0.75 < estimated / measured < 1.25, (dims, T, tiled, measured, estimated)
+
+
+# ---- issue 19, item 11: bad input to `pi-peft estimate` names the field or the file ---------------------------------
+def _estimate_error(argv, capsys) -> str:
+    from pi_peft.cli import main as pi_peft_main
+
+    assert pi_peft_main(["estimate", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) <= 2 and "internal error" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("ratio", ["0.00001", "1.5", "0"])
+def test_s2_ratio_too_small_for_the_context_is_a_clear_error(ratio, capsys):
+    err = _estimate_error([LLAMA2, "--context-length", "4096", "--s2-group-size-ratio", ratio], capsys)
+    assert re.search(rf"`s2_group_size_ratio`={float(ratio):g} gives S²-Attn blocks of \d+ token", err), err
+    assert ">= 0.0004883" in err  # 2 tokens at T = 4096
+    with pytest.raises(ValueError, match=r"blocks of 0 token\(s\) at `context_length`=4096"):
+        from pi_peft.training.estimate import training_flops
+
+        training_flops(LLAMA2, 4096, s2_group_size_ratio=1e-5)
+
+
+@pytest.mark.parametrize("gpu_gb", ["0", "-3", "inf", "nan", "lots"])
+def test_gpu_gb_must_be_a_positive_number(gpu_gb, capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error
+        cli_main([LLAMA2, "--context-length", "4096", "--gpu-gb", gpu_gb])
+    err = capsys.readouterr().err
+    assert (
+        exit_.value.code == 2
+        and f"argument --gpu-gb: must be a positive number of GiB (e.g. 24), got '{gpu_gb}'" in err
+    )
+    if gpu_gb != "lots":
+        with pytest.raises(ValueError, match=r"`gpu_gb` must be a positive number of GiB"):
+            max_context(LLAMA2, float(gpu_gb))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not json", r"is not a JSON config file \(Expecting value"),
+        (b"\xff\xfe\x00garbage", r"is not a JSON config file \('utf-8' codec"),
+        (
+            b"GGUF\x03\x00\x00\x00" + bytes(64),
+            r"is a GGUF file, not a config.json. Convert it first \(`pi-peft gguf-to-hf",
+        ),
+        (b"[1, 2]", r"holds a JSON list, not a model config"),
+        (
+            b'{"hidden_size": 64, "num_attention_heads": 4}',
+            r"needs positive integers `num_hidden_layers`, `vocab_size`",
+        ),
+    ],
+)
+def test_a_file_that_is_not_a_config_is_named(tmp_path, capsys, content, message):
+    path = tmp_path / "model.file"
+    path.write_bytes(content)
+    err = _estimate_error([str(path), "--context-length", "4096"], capsys)
+    assert re.search(message, err), err
+    if b"hidden_size" not in content:
+        assert repr(str(path)) in err  # names the file
+
+
+def test_a_recipe_without_its_model_or_context_is_named(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lora_r: 4\n")
+    err = _estimate_error(["--recipes", str(recipe)], capsys)
+    assert f"recipe {str(recipe)!r} has no `model_name_or_path` or `context_length`" in err

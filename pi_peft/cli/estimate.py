@@ -10,6 +10,7 @@ from ..training.estimate import (
     ATTENTIONS,
     LOSSES,
     QUANTIZATIONS,
+    check_gpu_gb,
     estimate_memory,
     format_estimate,
     load_model_config,
@@ -20,6 +21,14 @@ from ..training.estimate import (
 from ..training.estimate import __doc__ as _ESTIMATE_DOC
 
 
+def _gpu_gb(text: str) -> float:
+    """argparse type of `--gpu-gb`: a positive, finite number of GiB."""
+    try:
+        return check_gpu_gb(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB (e.g. 24), got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pi-peft estimate", description=_ESTIMATE_DOC.split("\n\n")[0])
     p.add_argument("model", nargs="?", help="model id, local model dir or config.json")
@@ -27,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory in GiB (default 24)")
+    p.add_argument("--gpu-gb", type=_gpu_gb, default=24.0, help="GPU memory in GiB (default 24)")
     p.add_argument("--no-train-embeddings", action="store_true")
     p.add_argument("--no-train-norms", action="store_true")
     p.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
@@ -74,8 +83,6 @@ def cli_main(argv: list[str]) -> int:
     largest = max_context(config, args.gpu_gb, **kwargs)
     flops = None
     if args.s2_group_size_ratio is not None:
-        if not 0 < args.s2_group_size_ratio <= 1:
-            raise ValueError(f"`--s2-group-size-ratio` must be in (0, 1], got {args.s2_group_size_ratio}.")
         flops = {
             name: training_flops(config, args.context_length, batch_size=args.batch_size, s2_group_size_ratio=ratio)
             for name, ratio in (("full", None), ("s2", args.s2_group_size_ratio))

@@ -134,9 +134,10 @@ def load_model_config(model: str) -> dict[str, Any]:
     if model in KNOWN_CONFIGS:
         return dict(KNOWN_CONFIGS[model])
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    if os.path.isdir(model) and not os.path.isfile(path):
+        raise ValueError(f"`model`={model!r} is a folder without a `config.json`; pass a model folder or its config.")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return _read_config_json(path)
     from transformers import AutoConfig
 
     try:
@@ -148,12 +149,48 @@ def load_model_config(model: str) -> dict[str, Any]:
         ) from e
 
 
+def _read_config_json(path: str) -> dict[str, Any]:
+    """A model's `config.json` as a dict, or a `ValueError` naming the file and what is wrong with it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:4] == b"GGUF":
+        raise ValueError(
+            f"`model`={path!r} is a GGUF file, not a config.json. Convert it first (`pi-peft gguf-to-hf {path} "
+            "FOLDER`) and pass FOLDER, or pass the original model's config.json."
+        )
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"`model`={path!r} is not a JSON config file ({exc}); pass a model folder or its config.json."
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"`model`={path!r} holds a JSON {type(config).__name__}, not a model config (an object).")
+    return config
+
+
+def check_gpu_gb(gpu_gb: Any) -> float:
+    """`gpu_gb` as a float: a positive, finite number of GiB, or a `ValueError` naming it."""
+    import math
+
+    if isinstance(gpu_gb, bool) or not isinstance(gpu_gb, (int, float)) or not math.isfinite(gpu_gb) or gpu_gb <= 0:
+        raise ValueError(f"`gpu_gb` must be a positive number of GiB (e.g. 24), got {gpu_gb!r}.")
+    return float(gpu_gb)
+
+
+_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+
+
 def _shapes(config: Any) -> dict[str, int]:
     text = config.get("text_config", config) if isinstance(config, dict) else config
+    missing = [name for name in _REQUIRED if not is_positive_int(_get(text, name))]
+    if missing:
+        raise ValueError(
+            f"`model_config` needs positive integers {', '.join(f'`{m}`' for m in missing)} (a decoder's "
+            f"config.json has them), got {config!r:.200}."
+        )
     h = _get(text, "hidden_size")
     heads = _get(text, "num_attention_heads")
-    if h is None or heads is None:
-        raise ValueError(f"`model_config` needs `hidden_size` and `num_attention_heads`, got {config!r:.200}.")
     head_dim = _get(text, "head_dim") or h // heads
     return dict(
         h=h,
@@ -312,7 +349,7 @@ def max_context(model_config: Any, gpu_gb: float = 24.0, *, multiple_of: int = 2
     0 when not even `multiple_of` tokens fit. `kwargs` go to [`estimate_memory`]."""
     if isinstance(model_config, str):
         model_config = load_model_config(model_config)
-    budget = gpu_gb * GIB
+    budget = check_gpu_gb(gpu_gb) * GIB
 
     def fits(k: int) -> bool:
         return estimate_memory(model_config, k * multiple_of, **kwargs).total <= budget
@@ -358,8 +395,14 @@ def recipe_row(path: str, gpu_gb: float = 24.0) -> dict[str, Any]:
     """Estimate for a recipe YAML (`model_name_or_path`, `context_length`, `load_in_4bit`, `lora_r`, ...)."""
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        recipe = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            recipe = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"recipe {path!r} cannot be read as YAML ({exc}).") from None
+    missing = [k for k in ("model_name_or_path", "context_length") if not isinstance(recipe, dict) or k not in recipe]
+    if missing:
+        raise ValueError(f"recipe {path!r} has no {' or '.join(f'`{k}`' for k in missing)}; a recipe needs both.")
     kwargs = dict(
         quantization="nf4" if recipe.get("load_in_4bit") else "none",
         r=int(recipe.get("lora_r", 16)),
@@ -400,6 +443,11 @@ def causal_attention_pairs(context_length: int, s2_group_size_ratio: Optional[fl
     if s2_group_size_ratio is None:
         return T * (T + 1) // 2
     G = int(s2_group_size_ratio * T)
+    if not 0 < s2_group_size_ratio <= 1 or G < 2:  # S²-Attn's rule (pi_peft.ops.s2_attn.s2_group_size)
+        raise ValueError(
+            f"`s2_group_size_ratio`={s2_group_size_ratio:g} gives S²-Attn blocks of {G} token(s) at "
+            f"`context_length`={T}; it must be in (0, 1] with a block of at least 2 tokens, i.e. >= {2 / T:.4g}."
+        )
 
     def blocks(first: int) -> int:
         sizes = ([first] if first else []) + [G] * ((T - first) // G)
