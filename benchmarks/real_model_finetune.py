@@ -985,7 +985,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-models", nargs="+", default=["base", "pi0", "yarn0", "pi", "yarn"])
     p.add_argument("--ppl-lengths", type=int, nargs="+", default=[2048, 8192, 16384])
     p.add_argument("--ppl-tokens", type=int, default=32768, help="held-out tokens scored at every length")
-    p.add_argument("--ppl-start", type=int, default=100_000, help="first held-out token of pydoc_data")
+    p.add_argument("--ppl-start", type=int, default=64_000, help="first held-out token of pydoc_data")
     p.add_argument("--niah-tasks", nargs="+", default=list(NIAH_TASKS))
     p.add_argument("--niah-lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     p.add_argument("--niah-samples", type=int, default=10)
@@ -995,7 +995,7 @@ def parse_args(argv=None):
     if args.quick:
         args.work_dir = args.work_dir.with_name(args.work_dir.name + "-quick")
         args.train_length, args.steps, args.save_steps, args.warmup = 256, 2, 1, 0
-        args.ppl_lengths, args.ppl_tokens, args.ppl_start = [128, 256], 512, 100_000
+        args.ppl_lengths, args.ppl_tokens, args.ppl_start = [128, 256], 512, 64_000
         args.niah_lengths, args.niah_samples, args.niah_tasks = [512], 1, ["niah_single_1"]
         args.check_tokens = 64
         args.speed_configs = (("fp32", 128, False, False, 2), ("bf16", 128, False, False, 2))
