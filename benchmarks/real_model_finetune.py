@@ -312,11 +312,12 @@ def train_command(
 
 
 class CpuClock:
-    """CPU seconds (user + system) of a child process, polled from `/proc/<pid>/stat` every `every` seconds and
-    written to `path` with the wall time, so that a run killed mid-way still has its time on disk."""
+    """CPU seconds (user + system) of a child process, polled from `/proc/<pid>/stat` every `every` seconds into
+    `record` (one chunk of `payload["chunks"]`) with the wall time, and `payload` written to `path`, so that a run
+    killed mid-way still has its time on disk."""
 
-    def __init__(self, path: Path, record: dict, every: float = 30.0):
-        self.path, self.record, self.every = path, record, every
+    def __init__(self, path: Path, payload: dict, record: dict, every: float = 30.0):
+        self.path, self.payload, self.record, self.every = path, payload, record, every
         self._stop = threading.Event()
         self.tick = os.sysconf("SC_CLK_TCK")
 
@@ -358,12 +359,24 @@ class CpuClock:
                 cpu = self.cpu(proc.pid)
                 if cpu is not None:
                     self.record.update(cpu_seconds=round(cpu, 1), wall_seconds=round(time.time() - start, 1))
-                    save_json(self.path, self.record)
+                    save_json(self.path, self.payload)
 
         threading.Thread(target=loop, daemon=True).start()
 
     def stop(self):
         self._stop.set()
+
+
+def read_chunks(times_path: Path) -> list[dict]:
+    """The time records of a run's earlier chunks. (A file written by the first version of `CpuClock` kept the last
+    polled times of an interrupted chunk at the top level: they are moved into that chunk.)"""
+    if not times_path.exists():
+        return []
+    payload = json.loads(times_path.read_text())
+    chunks = payload["chunks"]
+    if chunks and not chunks[-1]["wall_seconds"] and payload.get("wall_seconds"):
+        chunks[-1].update(wall_seconds=payload["wall_seconds"], cpu_seconds=payload["cpu_seconds"], interrupted=True)
+    return chunks
 
 
 def run_train(
@@ -378,7 +391,7 @@ def run_train(
     }
     log("$ " + shlex.join(cmd))
     start = time.time()
-    chunks = json.loads(times_path.read_text())["chunks"] if times_path and times_path.exists() else []
+    chunks = read_chunks(times_path) if times_path else []
     record = dict(started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)), wall_seconds=0.0, cpu_seconds=0.0)
     chunks.append(record)
     before = os.times()
@@ -387,10 +400,10 @@ def run_train(
         f.flush()
         offset = f.tell()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        marks = CpuClock(log_file, {}).watch_steps(proc, log_file, offset) if step_cpu else None
+        marks = CpuClock(log_file, {}, {}).watch_steps(proc, log_file, offset) if step_cpu else None
         clock = None
         if times_path is not None:
-            clock = CpuClock(times_path, {"chunks": chunks})
+            clock = CpuClock(times_path, {"chunks": chunks}, record)
             clock.watch(proc, start)
         rc = proc.wait()
         if clock is not None:
@@ -649,7 +662,7 @@ def part_train(args) -> dict:
 def arm_summary(args, arm: str) -> dict:
     out = arm_dir(args, arm)
     hist = [h for h in log_history(out) if "loss" in h]
-    times = json.loads((out / "times.json").read_text())["chunks"] if (out / "times.json").exists() else []
+    times = read_chunks(out / "times.json")
     done = json.loads((out / "done.json").read_text()) if (out / "done.json").exists() else None
     return dict(
         rope_type=ARMS[arm],

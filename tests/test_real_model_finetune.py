@@ -127,3 +127,34 @@ def test_finetune_smoke_run_trains_both_arms_evaluates_and_resumes(smol_gguf, tm
     assert bench.main(argv + ["--parts", "train"]) == 0
     assert (work / "runs" / "pi" / "done.json").read_text() == done
     assert json.loads((work / "runs" / "pi" / "times.json").read_text())["chunks"] == chunks
+
+
+def test_read_chunks_recovers_the_time_of_an_interrupted_chunk(tmp_path):
+    bench = _bench()
+    assert bench.read_chunks(tmp_path / "missing.json") == []
+    path = tmp_path / "times.json"  # written by the first CpuClock: the polled times at the top level
+    chunk = {"started": "2026-12-01T22:05:57Z", "wall_seconds": 0.0, "cpu_seconds": 0.0}
+    path.write_text(json.dumps({"chunks": [chunk], "wall_seconds": 600.3, "cpu_seconds": 224.3}))
+    assert bench.read_chunks(path) == [{**chunk, "wall_seconds": 600.3, "cpu_seconds": 224.3, "interrupted": True}]
+    done = {"started": "x", "wall_seconds": 5.0, "cpu_seconds": 4.0, "returncode": 0}
+    path.write_text(json.dumps({"chunks": [done]}))
+    assert bench.read_chunks(path) == [done]
+
+
+def test_cpu_clock_writes_the_chunk_while_the_process_runs(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    bench = _bench()
+    record = {"started": "now", "wall_seconds": 0.0, "cpu_seconds": 0.0}
+    payload = {"chunks": [{"started": "before", "wall_seconds": 1.0, "cpu_seconds": 1.0}, record]}
+    clock = bench.CpuClock(tmp_path / "times.json", payload, record, every=0.2)
+    proc = subprocess.Popen([sys.executable, "-c", "x = 0\nfor i in range(10**7): x += i"])
+    clock.watch(proc, time.time())
+    proc.wait()
+    time.sleep(0.5)
+    clock.stop()
+    written = json.loads((tmp_path / "times.json").read_text())
+    assert written["chunks"][0]["cpu_seconds"] == 1.0 and written["chunks"][1]["cpu_seconds"] > 0
+    assert set(written) == {"chunks"}
