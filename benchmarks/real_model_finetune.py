@@ -923,6 +923,10 @@ def report_markdown(parts: dict) -> str:
 
 
 def plot(parts: dict, path: Path) -> None:
+    cells = parts.get("eval", {}).get("cells", {})
+    curves = [a["curve"] for a in parts.get("train", {}).get("arms", {}).values() if a["curve"]]
+    if not cells and not curves:
+        return  # nothing to draw yet
     import matplotlib
 
     matplotlib.use("Agg")
@@ -930,7 +934,6 @@ def plot(parts: dict, path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     text = {**REFERENCES, **ARM_TEXT}
-    cells = parts.get("eval", {}).get("cells", {})
     for name in dict.fromkeys(k.split("|")[0] for k in cells):
         pts = sorted((int(k.split("|")[2]), c["ppl"]) for k, c in cells.items() if k.startswith(f"{name}|ppl|"))
         if pts:
@@ -946,7 +949,8 @@ def plot(parts: dict, path: Path) -> None:
             ax2.plot([c["step"] for c in a["curve"]], [c["loss"] for c in a["curve"]], label=ARM_TEXT[arm])
     ax2.set_xlabel("step")
     ax2.set_title("training loss", fontsize=10)
-    ax2.legend(fontsize=8)
+    if curves:
+        ax2.legend(fontsize=8)
     fig.suptitle("SmolLM2-135M (original window 8192, dashed)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
