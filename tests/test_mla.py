@@ -145,6 +145,56 @@ def test_beam_search_with_the_latent_cache_equals_recomputation():
     assert torch.equal(model.generate(prompt, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
 
 
+def test_cache_implementation_dynamic_works_and_others_are_refused_by_name():
+    """Regression (issue 19, item 12): `generate(cache_implementation="static")` complained about a cache (the
+    MLACache pi_peft passes) that the user never passed."""
+    from transformers import GenerationConfig
+
+    model = mla_model(kv_rank=12, rope_dims=4).eval()
+    perturb(model)
+    prompt = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    reference = model.generate(prompt, **kwargs)
+    assert torch.equal(model.generate(prompt, cache_implementation="dynamic", **kwargs), reference)
+    assert torch.equal(model.generate(prompt, generation_config=GenerationConfig(cache_implementation="dynamic",
+                                                                                 **kwargs)), reference)  # fmt: skip
+    for name in ("static", "offloaded", "quantized", "sliding_window"):
+        expected = rf"`cache_implementation`='{name}': an MLA model caches .* drop `cache_implementation`"
+        with pytest.raises(ValueError, match=expected):
+            model.generate(prompt, cache_implementation=name, **kwargs)
+    with pytest.raises(ValueError, match=r"`cache_implementation`='static'"):
+        model.generate(prompt, generation_config=GenerationConfig(cache_implementation="static", **kwargs))
+    model.get_base_model().generation_config.cache_implementation = "static"  # the model's default, not the user's
+    out = model.generate(prompt, return_dict_in_generate=True, **kwargs)
+    assert isinstance(getattr(out, "cache", None) or out.past_key_values, MLACache)
+    assert torch.equal(out.sequences, reference)
+
+
+def test_output_attentions_gives_the_mla_layers_attention_weights():
+    """Regression (issue 19, item 12): `output_attentions=True` (eager) returned `()` silently: transformers records
+    the weights of the model's own attention class, which MLA replaces."""
+    base = tiny_model("llama", attn_implementation="eager")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = base(ids, output_attentions=True).attentions
+    exact = get_peft_model(base, MLAConfig(kv_rank=KV_HEADS * HEAD_DIM, rope_dims=HEAD_DIM)).eval()
+    with torch.no_grad():
+        got = exact(ids, output_attentions=True).attentions
+    assert len(got) == len(want) == TINY_DIMS["num_hidden_layers"]
+    for g, w in zip(got, want):  # every rotary dim and a full-rank latent: the original attention, weights included
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+    model = mla_model(kv_rank=12, rope_dims=4).eval()
+    model.get_base_model().set_attn_implementation("eager")
+    perturb(model)
+    with torch.no_grad():
+        weights = model(ids, output_attentions=True).attentions
+    assert len(weights) == 2 and weights[0].shape == (2, 4, 12, 12)
+    torch.testing.assert_close(weights[0].sum(-1), torch.ones(2, 4, 12))
+    out = model.generate(ids[:1, :6], max_new_tokens=3, do_sample=False, pad_token_id=0, output_attentions=True,
+                         return_dict_in_generate=True)  # fmt: skip
+    assert [tuple(step[0].shape) for step in out.attentions] == [(1, 4, 6, 6), (1, 4, 1, 7), (1, 4, 1, 8)]
+
+
 def test_static_cache_is_refused():
     from transformers import StaticCache
 
@@ -289,6 +339,36 @@ def test_two_norm_selection_uses_calibration_data_and_is_saved(tmp_path, ids):
     torch.testing.assert_close(logits(loaded, ids), out)
 
 
+def test_calibration_data_in_every_common_form_gives_the_same_pairs():
+    """Regression (issue 19, item 12): a 1-D id tensor or a dict of lists crashed with a shape/attribute error."""
+    model = mla_model(kv_rank=16, rope_dims=4, rope_selection="2-norm")
+    a, b = (torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (16, 11))
+    reference = initialize_mla_weights(model, [a[None], b[None]]).clone()  # two (1, T) tensors, one row each
+    padded = torch.stack([a, torch.cat([b, torch.zeros(5, dtype=torch.long)])])  # (2, 16), b right-padded
+    mask = torch.stack([torch.ones(16, dtype=torch.long), (torch.arange(16) < 11).long()])
+    forms = {
+        "1-D tensors": [a, b],
+        "lists of ids": [a.tolist(), b.tolist()],
+        "dict of lists, ragged (a tokenizer without padding)": {"input_ids": [a.tolist(), b.tolist()]},
+        "dict of lists, padded with a mask": {"input_ids": padded.tolist(), "attention_mask": mask.tolist()},
+        "dicts of 1-D tensors": [{"input_ids": a}, {"input_ids": b, "attention_mask": torch.ones(11)}],
+    }
+    for name, data in forms.items():
+        assert torch.equal(initialize_mla_weights(model, data), reference), name
+    bad = [
+        ("the pass key is", TypeError, r"`calibration_data` must be .* got str"),
+        (["some text"], TypeError, r"batch 0 is text; tokenize it first"),
+        ([{"ids": a}], ValueError, r"batch 0 is a dict without `input_ids` \(keys: \['ids'\]\)"),
+        ([a.float()], ValueError, r"batch 0: `input_ids` has shape \(1, 16\) and dtype torch.float32.*integer"),
+        ([torch.zeros(1, 2, 3, dtype=torch.long)], ValueError, r"`input_ids` has shape \(1, 2, 3\)"),
+        ([{"input_ids": a, "attention_mask": torch.ones(5)}], ValueError, r"`attention_mask` has shape\(s\) \[\(1, 5"),
+        ([[a.tolist(), "x"]], TypeError, r"batch 0: `input_ids` is list"),
+    ]
+    for data, error, match in bad:
+        with pytest.raises(error, match=match):
+            initialize_mla_weights(model, data)
+
+
 # ---- training ----------------------------------------------------------------------------------------------------
 def test_only_mla_and_lora_weights_train():
     model = mla_model(kv_rank=16, rope_dims=4)
@@ -360,6 +440,7 @@ def test_s2_attn_training_equals_the_reference_rule_and_trains(ids):
         got = model(input_ids=batch, **kwargs).logits
         inner.set_attn_implementation("test_mla_s2_reference")
         want = model(input_ids=batch, **kwargs).logits
+        inner.set_attn_implementation("sdpa")  # the model's own (a user's switch is kept by eval/train)
         model.eval()  # the model's own full attention
         full = model(input_ids=batch, **kwargs).logits
         model.train()  # back to S²

@@ -221,6 +221,7 @@ def test_training_model_equals_reference_model(family, kv_heads):
         got = model(input_ids=ids, **kwargs).logits
         inner.set_attn_implementation(reference)
         want = model(input_ids=ids, **kwargs).logits
+        inner.set_attn_implementation("sdpa")  # the model's own again (a user's switch is kept: see below)
         model.train()  # back to S²
         kept = mask.bool() if "attention_mask" in kwargs else torch.ones(2, 45, dtype=torch.bool)
         torch.testing.assert_close(got[kept], want[kept], atol=1e-5, rtol=0)
@@ -284,6 +285,29 @@ def test_eval_generate_disable_merge_use_full_attention():
 
     merged = with_s2.merge_and_unload()
     assert merged.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_an_attention_the_user_switches_to_is_kept_by_eval_generate_and_unload(mode):
+    """`set_attn_implementation("eager")` after `get_peft_model` (for `output_attentions`) was undone by the next
+    `eval()`/`train()`/`generate()`, which restored the implementation recorded at creation ("sdpa")."""
+    model = s2_model()
+    inner = model.base_model.model
+    getattr(model, mode)()
+    inner.set_attn_implementation("eager")
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(5))
+    seen = []
+    hook = inner.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append(inner.config._attn_implementation)
+    )
+    model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    hook.remove()
+    assert set(seen) == {"eager"}  # generate ran the user's attention
+    model.train()
+    assert inner.config._attn_implementation == s2_attn.s2_implementation_name("eager", 0.25)  # S² wraps it
+    model.eval()
+    assert inner.config._attn_implementation == "eager"
+    assert model.merge_and_unload().config._attn_implementation == "eager"
 
 
 def test_attention_outside_training_is_full(monkeypatch):
@@ -573,6 +597,7 @@ def test_eager_model_trains_with_s2_on_sdpa_and_evaluates_eagerly():
     got = model(input_ids=ids).logits
     inner.set_attn_implementation(register_reference(0.25))
     torch.testing.assert_close(got, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+    inner.set_attn_implementation(s2_attn.s2_implementation_name("eager", 0.25))
     model.eval()
     assert inner.config._attn_implementation == "eager"
 

@@ -291,7 +291,8 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         k_pe_all = rope_all[..., :r]  # (B, G, S, r)
         scale_all = rope_all[..., r:] if self.k_norm_kind else None  # (B, G, S, 1) or None
 
-        if self.absorb and t == 1 and cache is not None and not torch.is_grad_enabled():
+        recorder = _attentions_recorder(kwargs)
+        if self.absorb and t == 1 and cache is not None and not torch.is_grad_enabled() and recorder is None:
             out = self._absorbed_attention(q_pe, q_nope, latent_all, k_pe_all, scale_all, attention_mask)
             return attn.o_proj(out), None  # out (B, T, H*d)
 
@@ -316,6 +317,8 @@ class MLAAttention(nn.Module, BaseTunerLayer):
             scaling=attn.scaling,
             **kwargs,
         )  # out (B, T, H, d)
+        if recorder is not None and weights is not None:  # (B, H, T, S): eager attention's probabilities
+            recorder.append(weights)
         return attn.o_proj(out.reshape(b, t, h * d).contiguous()), weights
 
     def _queries(self, attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -379,6 +382,29 @@ class MLAAttention(nn.Module, BaseTunerLayer):
         if self.mla_v_up[name].bias is not None:  # attention weights sum to 1, so the value bias passes through
             out = out + self.mla_v_up[name].bias.to(dtype).view(1, g, 1, 1, d)
         return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+
+
+def _attentions_recorder(kwargs: dict) -> Optional[list]:
+    """The list transformers collects `output_attentions` in for the running forward, or `None` when none is asked.
+
+    transformers (5.x) records attention weights with a forward hook on the model's own attention class
+    (`OutputRecorder(LlamaAttention, index=1)`); an `MLAAttention` replaces that module and runs the attention
+    itself, so it appends its weights to the same collector, and `outputs.attentions` has one entry per layer (eager
+    attention; SDPA computes none, as for the base model)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # another transformers: refuse rather than return an empty tuple
+        _active_collector = None
+    collected = _active_collector.get() if _active_collector is not None else None
+    if collected is not None and "attentions" in collected:
+        return collected["attentions"]
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "`output_attentions=True`: this transformers version gives an MLA layer no way to report its attention "
+            "weights (it replaces the model's attention module). Drop `output_attentions`, or use "
+            "`with model.disable_adapter():` for the base model's attentions."
+        )
+    return None
 
 
 def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:

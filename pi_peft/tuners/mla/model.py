@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable, Mapping
 from typing import Optional
 
 import torch
@@ -161,10 +163,31 @@ class MLAModel(PIModel):
     # ---- generation ------------------------------------------------------------------------------------------------
     def generate(self, *args, **kwargs):
         """`PIModel.generate` (full attention, also while training with S²-Attn) with a fresh `MLACache` (latents +
-        kept RoPE keys) unless ``past_key_values`` is given."""
+        kept RoPE keys) unless ``past_key_values`` is given.
+
+        `cache_implementation="dynamic"` is what the `MLACache` is; any other cache implementation (static, sliding,
+        quantised, offloaded) cannot hold latents and is refused. A `cache_implementation` that only the model's own
+        `generation_config` sets (e.g. Gemma's "hybrid") is replaced by the `MLACache`."""
         given = any(kwargs.get(name) is not None for name in ("cache", "past_key_values"))
         if not given and kwargs.get("use_cache", True) and self._mla_active():
+            generation_config = kwargs.get("generation_config")
+            requested = kwargs.pop("cache_implementation", None) or getattr(
+                generation_config, "cache_implementation", None
+            )
+            if requested is not None and requested != "dynamic":
+                raise ValueError(
+                    f"`cache_implementation`={requested!r}: an MLA model caches one latent and the kept rotary keys "
+                    "per token, which only a dynamic cache can hold; drop `cache_implementation` (MLAModel.generate "
+                    "passes a `pi_peft.tuners.mla.MLACache`) or pass `cache_implementation='dynamic'`."
+                )
             kwargs[_generate_cache_kwarg()] = MLACache()
+            if generation_config is not None:  # "dynamic" there: the MLACache it is
+                kwargs["generation_config"] = copy.copy(generation_config)
+                kwargs["generation_config"].cache_implementation = None
+            elif requested is not None or getattr(
+                getattr(self.model, "generation_config", None), "cache_implementation", None
+            ):
+                kwargs["cache_implementation"] = None  # "dynamic", or the model's default cache: the MLACache it is
         return super().generate(*args, **kwargs)
 
     def _mla_active(self) -> bool:
@@ -236,16 +259,96 @@ class MLAModel(PIModel):
             setattr(parent, child, layer)
 
 
+_CALIBRATION_FORMS = (
+    "a list of batches, each a tensor of token ids ((batch, tokens) or (tokens,)), a list of ids, or a dict with "
+    "`input_ids` (and optional `attention_mask`) as tensors or lists, e.g. `[tokenizer(text, return_tensors='pt')]`"
+)
+
+
+def _as_rows(value, field: str, index: int) -> list[torch.Tensor]:
+    """``value`` (tensor or (nested) list of ints) as rows of a batch: one ``(B, T)`` tensor, or one ``(1, T)`` tensor
+    per row when a list's rows differ in length (a tokenizer called without padding)."""
+    if isinstance(value, torch.Tensor):
+        rows = [value]
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(r, (list, tuple, torch.Tensor)) for r in value):
+        rows = [torch.as_tensor(r) for r in value]
+        if len({tuple(r.shape) for r in rows}) == 1:
+            rows = [torch.stack(rows)]  # (B, T); rows of unequal length stay one (T_i,) row each
+    elif (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        rows = [torch.as_tensor(value)]
+    else:
+        raise TypeError(
+            f"`calibration_data` batch {index}: `{field}` is {type(value).__name__} {str(value)[:60]!r}; expected "
+            f"{_CALIBRATION_FORMS}."
+        )
+    out = []
+    for row in rows:
+        if row.dim() == 1:
+            row = row[None]  # (T,) -> (1, T)
+        ids_dtype_ok = not (row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool)
+        if row.dim() != 2 or row.shape[1] == 0 or (field == "input_ids" and not ids_dtype_ok):
+            raise ValueError(
+                f"`calibration_data` batch {index}: `{field}` has shape {tuple(row.shape)} and dtype {row.dtype}; "
+                "expected (batch, tokens) or (tokens,), at least one token"
+                + (", of integer token ids." if field == "input_ids" else ".")
+            )
+        out.append(row)
+    return out
+
+
+def calibration_batches(calibration_data):
+    """``(batch index, input_ids (B, T), attention_mask (B, T) or None)`` of every batch of ``calibration_data`` (see
+    [`initialize_mla_weights`]); one batch (a tensor or a dict) is accepted in place of a list of batches."""
+    if isinstance(calibration_data, (torch.Tensor, Mapping)) or (
+        isinstance(calibration_data, (list, tuple)) and calibration_data and isinstance(calibration_data[0], int)
+    ):
+        calibration_data = [calibration_data]  # one batch, not a list of them
+    if isinstance(calibration_data, str) or not isinstance(calibration_data, Iterable):
+        raise TypeError(f"`calibration_data` must be {_CALIBRATION_FORMS}; got {type(calibration_data).__name__}.")
+    for index, batch in enumerate(calibration_data):
+        if isinstance(batch, Mapping):
+            if "input_ids" not in batch:
+                raise ValueError(
+                    f"`calibration_data` batch {index} is a dict without `input_ids` (keys: {sorted(batch)}); "
+                    f"expected {_CALIBRATION_FORMS}."
+                )
+            ids, mask = batch["input_ids"], batch.get("attention_mask")
+        else:
+            ids, mask = batch, None
+        if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], str)):
+            raise TypeError(
+                f"`calibration_data` batch {index} is text; tokenize it first, e.g. "
+                "`[tokenizer(text, return_tensors='pt') for text in texts]`."
+            )
+        id_rows = _as_rows(ids, "input_ids", index)
+        mask_rows = _as_rows(mask, "attention_mask", index) if mask is not None else [None] * len(id_rows)
+        if len(mask_rows) != len(id_rows) or any(
+            m is not None and m.shape != i.shape for i, m in zip(id_rows, mask_rows)
+        ):
+            shapes = [tuple(i.shape) for i in id_rows], [tuple(m.shape) for m in mask_rows if m is not None]
+            raise ValueError(
+                f"`calibration_data` batch {index}: `attention_mask` has shape(s) {shapes[1]} but `input_ids` "
+                f"{shapes[0]}; they must match."
+            )
+        for ids_row, mask_row in zip(id_rows, mask_rows):
+            yield index, ids_row, mask_row
+
+
 @torch.no_grad()
 def initialize_mla_weights(model: nn.Module, calibration_data, max_batches: Optional[int] = None) -> torch.Tensor:
     """Data-driven initialisation for ``rope_selection="2-norm"`` (peft's EVA pattern: adapter first, then data).
 
-    Runs the *original* attention (adapters disabled) over ``calibration_data`` (an iterable of batches: tensors of
-    input ids or dicts with ``input_ids``/``attention_mask``), takes the queries and keys as RoPE sees them (after
-    ``q_norm``/``k_norm`` in Qwen3 or OLMo 2), scores every rotary pair by the mean query-pair norm x
-    mean key-pair norm summed over the GQA group, keeps the top ``rope_dims / 2`` pairs per layer and kv head, then
-    initialises every layer by the joint SVD and records the choice in the config (``rope_pairs``). Returns the
-    kept pairs ``(layers, kv_heads, rope_dims / 2)``.
+    Runs the *original* attention (adapters disabled) over ``calibration_data`` (an iterable of batches: tensors or
+    lists of input ids, ``(batch, tokens)`` or ``(tokens,)``, or dicts with ``input_ids``/``attention_mask``; rows
+    of unequal length in one list run one at a time; one such batch alone is accepted too), takes the queries and
+    keys as RoPE sees them (after ``q_norm``/``k_norm`` in Qwen3 or OLMo 2), scores every rotary pair by the mean
+    query-pair norm x mean key-pair norm summed over the GQA group, keeps the top ``rope_dims / 2`` pairs per layer
+    and kv head, then initialises every layer by the joint SVD and records the choice in the config
+    (``rope_pairs``). Returns the kept pairs ``(layers, kv_heads, rope_dims / 2)``.
 
     Example:
 
@@ -301,17 +404,12 @@ def initialize_mla_weights(model: nn.Module, calibration_data, max_batches: Opti
     seen = 0
     tuner.disable_adapter_layers()  # the original attention (and RoPE) produce the calibration statistics
     try:
-        if True:
-            for batch_index, batch in enumerate(calibration_data):
-                if max_batches is not None and batch_index >= max_batches:
-                    break
-                if isinstance(batch, torch.Tensor):
-                    batch = {"input_ids": batch}
-                ids = batch["input_ids"].to(device)
-                mask = batch.get("attention_mask")
-                current_mask[0] = None if mask is None else mask.to(device).float()
-                tuner.model(input_ids=ids, attention_mask=current_mask[0], use_cache=False)
-                seen += 1
+        for batch_index, ids, mask in calibration_batches(calibration_data):
+            if max_batches is not None and batch_index >= max_batches:
+                break
+            current_mask[0] = None if mask is None else mask.to(device).float()
+            tuner.model(input_ids=ids.to(device), attention_mask=current_mask[0], use_cache=False)
+            seen += 1
     finally:
         tuner.enable_adapter_layers()
         for hook in hooks:

@@ -109,7 +109,7 @@ class PIModel(LoraModel):
             self._pi_sync_rope(adapter_names)  # the merged model keeps the merged adapters' RoPE
         else:
             self._pi_apply(*self._pi_original_rope)
-        s2_attn.set_s2_attention(self.model, self._pi_original_attn, None)  # S²-Attn never outlives the adapter
+        s2_attn.set_s2_attention(self.model, self._pi_own_attention(), None)  # S²-Attn never outlives the adapter
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
@@ -149,7 +149,7 @@ class PIModel(LoraModel):
 
     def generate(self, *args, **kwargs):
         """The model's `generate`, always with its own (full) attention, also while training with S²-Attn."""
-        s2_attn.set_s2_attention(self.model, self._pi_original_attn, None)
+        s2_attn.set_s2_attention(self.model, self._pi_own_attention(), None)
         try:
             return self.model.generate(*args, **kwargs)
         finally:
@@ -194,7 +194,15 @@ class PIModel(LoraModel):
         if getattr(self, "_pi_enabled", True) and self.model.training:
             configs = [self.peft_config[n] for n in self.active_adapters if n in self.peft_config]
             ratio = s2_attn.s2_ratio_of([c for c in configs if isinstance(c, PIConfig) and not c.inference_mode])
-        s2_attn.set_s2_attention(self.model, self._pi_original_attn, ratio)
+        s2_attn.set_s2_attention(self.model, self._pi_own_attention(), ratio)
+
+    def _pi_own_attention(self) -> str:
+        """The model's own attention implementation: the one it had, or the one the user switched it to since
+        (`set_attn_implementation("eager")` for `output_attentions`); S²-Attn wraps it, eval and generate use it."""
+        current = self.model.config._attn_implementation
+        if not s2_attn.is_s2_implementation(current):
+            self._pi_original_attn = current
+        return self._pi_original_attn
 
     def _pi_apply(self, rope_parameters: dict, max_position_embeddings: int) -> None:
         set_rope_parameters(self.model, rope_parameters, max_position_embeddings)
