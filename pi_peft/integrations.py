@@ -23,6 +23,11 @@ pi_peft module, and fails on any change that :data:`PATCHES` does not list). The
    every other trainer is untouched.
 6. ``warnings.filters``: one filter for transformers' ``is_gradient_checkpointing`` deprecation, which peft 0.21 and
    trl 1.16 trigger on every ``get_peft_model`` / ``SFTTrainer`` and no user can act on.
+7. ``logging`` filters: one on bitsandbytes' CPU-backend logger (set at ``import pi_peft``, before bitsandbytes is
+   imported, which ``import peft`` does), dropping only its import-time line ``Failed to load CPU gemm_4bit_forward
+   from kernels-community: No module named 'kernels'``. It means: the optional ``kernels`` package, which would
+   download a faster CPU 4-bit inference kernel from the Hugging Face Hub, is not installed, so bitsandbytes uses
+   its own CPU kernels. Nothing is wrong (training and results are the same); pi_peft never downloads code.
 
 Because a saved adapter says ``"peft_type": "PI"``, a process that never imported pi_peft cannot load it as a plain
 LoRA with the original RoPE: peft fails with ``KeyError: 'PI'`` instead (see the README). The registration checks
@@ -41,6 +46,7 @@ import functools
 import importlib.abc
 import importlib.util
 import inspect
+import logging
 import sys
 import warnings
 from collections.abc import Callable
@@ -72,6 +78,7 @@ PATCHES: tuple[Patch, ...] = (
         "PI adapters train at their window (with trl's trainer)",
     ),
     Patch("warnings:filters", "ignore one transformers FutureWarning (when peft is imported)"),
+    Patch("logging:filters", "drop bitsandbytes' `Failed to load CPU gemm_4bit_forward from kernels-community` line"),
 )
 """Every import-time change, in the order :func:`install` makes them."""
 
@@ -313,6 +320,25 @@ def filter_warnings() -> None:
     )
 
 
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropBnbKernelsNotice(logging.Filter):
+    """Drops bitsandbytes' import-time notice that the optional `kernels` package is absent (item 7 above)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(BNB_KERNELS_NOTICE)
+
+
+def filter_bnb_kernels_notice() -> None:
+    """Install :class:`_DropBnbKernelsNotice` on bitsandbytes' CPU-backend logger (idempotent; bitsandbytes itself
+    is not imported)."""
+    bnb_logger = logging.getLogger(BNB_CPU_LOGGER)
+    if not any(isinstance(f, _DropBnbKernelsNotice) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_DropBnbKernelsNotice())
+
+
 def _on_peft_import() -> None:
     # Each tuner registers itself in its own __init__ (a half-imported tuner finishes and registers on its own).
     import pi_peft.tuners.mla  # noqa: F401
@@ -326,3 +352,4 @@ def install() -> None:
     """What ``import pi_peft`` does: every patch in :data:`PATCHES`, each when its library is imported."""
     call_when_imported("peft", _on_peft_import)
     call_when_imported("trl.trainer.sft_trainer", install_sft_trainer_guard)
+    filter_bnb_kernels_notice()  # now: `import peft` imports bitsandbytes before the hook above runs

@@ -34,7 +34,7 @@ def run_fresh(code: str, timeout: int = 300) -> str:
 
 
 FINGERPRINT = """
-import enum, importlib, json, pkgutil, sys, warnings
+import enum, importlib, json, logging, pkgutil, sys, warnings
 
 LIBRARIES = ("peft", "trl", "transformers", "torch", "accelerate", "datasets")
 
@@ -66,6 +66,10 @@ def _fingerprint():
     hooks = tuple(f"{type(f).__module__}.{type(f).__qualname__}" for f in sys.meta_path)
     state[("global", 0, "sys:meta_path")] = hooks
     state[("global", 0, "warnings:filters")] = tuple(map(repr, warnings.filters))
+    loggers = sorted(logging.Logger.manager.loggerDict.items())
+    state[("global", 0, "logging:filters")] = tuple(
+        (name, tuple(type(f).__qualname__ for f in lg.filters)) for name, lg in loggers if getattr(lg, "filters", None)
+    )
     return state, aliases
 
 

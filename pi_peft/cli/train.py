@@ -102,11 +102,19 @@ def _check_recipe(path: str | None, known: set[str]) -> None:
             )
 
 
+def pi_option_names() -> set[str]:
+    """pi_peft's own options: `PIArguments` and the fields pi_peft adds to trl's `SFTConfig` (`tiled_mlp`, ...)."""
+    from trl import SFTConfig
+
+    from ..training.sft import PIArguments, PITrainingConfig
+
+    added = set(PITrainingConfig.__dataclass_fields__) - set(SFTConfig.__dataclass_fields__)
+    return set(PIArguments.__dataclass_fields__) | added
+
+
 def format_help(parser, *, all_options: bool = False) -> str:
     """pi_peft's options and `--config` first, then the common trl options (or all of them)."""
-    from ..training.sft import PIArguments
-
-    pi_names = set(PIArguments.__dataclass_fields__)
+    pi_names = pi_option_names()
     actions = [a for a in parser._actions if a.help != argparse.SUPPRESS and a.dest != "help"]
     pi_actions = [a for a in actions if a.dest in pi_names]
     rest = [a for a in actions if a.dest not in pi_names and (all_options or a.dest in COMMON)]

@@ -1,7 +1,8 @@
 """Memory savers for long-context (Q)LoRA training, usable with trl's `SFTTrainer` or a plain training loop.
 
 - [`apply_memory_savers`]: non-reentrant activation checkpointing (+ `enable_input_require_grads` for k-bit bases),
-  sequence-tiled MLPs (`tiled_mlp=True`, [`apply_tiled_mlp`]) and the bitsandbytes CPU fix below, in one call.
+  sequence-tiled MLPs (`tiled_mlp=True`, [`apply_tiled_mlp`]) and the bitsandbytes CPU fix below, in one call;
+  [`remove_memory_savers`] undoes the first two when training ends.
 - sequence-tiled MLPs: `pi_peft.ops.tiled_mlp` (ALST's TiledMLP).
 - [`attn_implementation`]: `"flash_attention_2"` when it is installed and a GPU is there, else `"sdpa"`.
 - the bitsandbytes CPU fix: `pi_peft.ops.bnb.fix_bnb_cpu_repack`.
@@ -87,6 +88,22 @@ def apply_memory_savers(
     if tiled_mlp:
         apply_tiled_mlp(model, tile_tokens)
     fix_bnb_cpu_repack(model)
+    return model
+
+
+def remove_memory_savers(model: nn.Module) -> nn.Module:
+    """Undo the training-only memory savers when training ends, in place: tiled MLPs get their own `forward` back
+    ([`remove_tiled_mlp`]) and activation checkpointing (with the k-bit `enable_input_require_grads` hook) is turned
+    off, so that the model then evaluates, generates, merges (`merge_and_unload`) and exports as an ordinary one.
+    `pi-peft train` calls it after saving the adapter."""
+    from ..ops.tiled_mlp import remove_tiled_mlp
+
+    remove_tiled_mlp(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "is_activation_checkpointing", False):
+        base.activation_checkpointing_disable()
+    if getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None):
+        base.disable_input_require_grads()
     return model
 
 

@@ -107,8 +107,10 @@ class PITrainingConfig(SFTConfig):
     report_to: Optional[str] = field(default="none", metadata={"help": "Loggers (wandb, tensorboard, none)."})
     tiled_mlp: bool = field(
         default=False,
-        metadata={"help": "Run every decoder layer's MLP over sequence tiles with its own recompute (exact; saves "
-                  "the MLP's `tokens x intermediate` activations, see pi_peft.ops.tiled_mlp.apply_tiled_mlp)."},
+        metadata={"help": "Run every decoder layer's MLP over sequence tiles with its own recompute: saves the "
+                  "MLP's `tokens x intermediate` activations; same loss and gradients as untiled with `lora_dropout` "
+                  "0 (with dropout, other random masks). Undone when training ends. See "
+                  "pi_peft.ops.tiled_mlp.apply_tiled_mlp."},
     )  # fmt: skip
     tile_tokens: Optional[int] = field(
         default=None, metadata={"help": "Tokens per MLP tile with `tiled_mlp` (default: automatic, ~hidden size)."}
@@ -504,6 +506,9 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
     trainer.train(resume_from_checkpoint=checkpoint)
     save_adapter(trainer, training_args.output_dir)
     trainer.accelerator.print(f"Adapter saved to {training_args.output_dir}.")
+    from .memory import remove_memory_savers
+
+    remove_memory_savers(trainer.model)  # tiled MLPs and checkpointing are for training only
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     trainer.end()  # as trl's sft.py: finish the trackers and the process group
