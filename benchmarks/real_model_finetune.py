@@ -741,7 +741,7 @@ def load_lm(args, folder: Path, adapter: Path | None):
 
 def part_eval(args) -> dict:
     """Perplexity of every model first (the cheaper cells), then RULER; every finished cell is kept on disk."""
-    import lm_eval
+    import torch
     from transformers import AutoTokenizer
 
     folder = rm.base_folder(args)
@@ -761,28 +761,20 @@ def part_eval(args) -> dict:
             del lm
             lm, loaded = load_lm(args, folder, models[name]), name
         start, cpu = time.perf_counter(), time.process_time()
-        if task == "ppl":
-            cell = perplexity(lm.model, ids, length)
-            msg = f"{cell['ppl']:.3f} ({cell['scored_tokens']} tokens)"
-        else:
-            out = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[task],
-                limit=args.niah_samples,
-                metadata={"pretrained": str(folder), "max_seq_lengths": [length]},
-                gen_kwargs={"max_gen_toks": 32},
-                log_samples=True,
-                random_seed=0,
-            )
-            samples = out["samples"][task]
-            cell = dict(
-                score=next(v for k, v in out["results"][task].items() if k.startswith(f"{length},")),
-                samples=len(samples),
-                answers=[(s["target"], s["filtered_resps"][0]) for s in samples],
-            )
-            msg = f"{cell['score']} ({cell['samples']} samples)"
-        cell.update(seconds=round(time.perf_counter() - start, 1), cpu_seconds=round(time.process_time() - cpu, 1))
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.eval_bf16)
+        with autocast:
+            cell = eval_cell(args, lm, folder, ids, task, length)
+        cell.update(
+            seconds=round(time.perf_counter() - start, 1),
+            cpu_seconds=round(time.process_time() - cpu, 1),
+            dtype="bf16 autocast, fp32 weights" if args.eval_bf16 else "float32",
+        )
         cells[key] = cell
+        msg = (
+            f"{cell['ppl']:.3f} ({cell['scored_tokens']} tokens)"
+            if task == "ppl"
+            else f"{cell['score']} ({cell['samples']} samples)"
+        )
         log(f"eval {name} {task}@{length}: {msg} {cell['seconds']} s")
         save_json(path, dict(cells=cells))
     settings = dict(
@@ -792,10 +784,33 @@ def part_eval(args) -> dict:
         niah_tasks=args.niah_tasks,
         niah_lengths=args.niah_lengths,
         niah_samples=args.niah_samples,
-        dtype="float32",
+        dtype="bf16 autocast, fp32 weights" if args.eval_bf16 else "float32",
         max_gen_toks=32,
     )
     return dict(cells=cells, settings=settings)
+
+
+def eval_cell(args, lm, folder: Path, ids: list[int], task: str, length: int) -> dict:
+    """One cell: perplexity of the held-out tokens at `length`, or one RULER task at `length`."""
+    import lm_eval
+
+    if task == "ppl":
+        return perplexity(lm.model, ids, length)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task],
+        limit=args.niah_samples,
+        metadata={"pretrained": str(folder), "max_seq_lengths": [length]},
+        gen_kwargs={"max_gen_toks": 32},
+        log_samples=True,
+        random_seed=0,
+    )
+    samples = out["samples"][task]
+    return dict(
+        score=next(v for k, v in out["results"][task].items() if k.startswith(f"{length},")),
+        samples=len(samples),
+        answers=[(s["target"], s["filtered_resps"][0]) for s in samples],
+    )
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -1006,6 +1021,12 @@ def parse_args(argv=None):
     p.add_argument("--niah-tasks", nargs="+", default=list(NIAH_TASKS))
     p.add_argument("--niah-lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     p.add_argument("--niah-samples", type=int, default=10)
+    p.add_argument(
+        "--eval-bf16",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="evaluate under bf16 autocast (fp32 weights, as the arms train; ~1.8x faster) instead of fp32",
+    )
     p.add_argument("--pi-peft-cmd", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.speed_configs = SPEED_CONFIGS
