@@ -108,23 +108,63 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch
     return emb.cos(), emb.sin()
 
 
+LONG_RANGE_LAYER_TYPE = "full_attention"
+"""The layer type whose RoPE carries the long range in a model with one RoPE per layer type (Gemma 3: its
+``full_attention`` layers; the ``sliding_attention`` layers never see keys further away than their window)."""
+
+
+def _inv_freq_buffers(module: nn.Module) -> list[str]:
+    """``inv_freq``, or ``<layer_type>_inv_freq`` per layer type (Gemma 3), among ``module``'s own buffers."""
+    buffers = getattr(module, "_buffers", {})
+    return [b for b in buffers if b == "inv_freq" or (b.endswith("_inv_freq") and not b.endswith("original_inv_freq"))]
+
+
 def rotary_embeddings(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Yield ``(name, module)`` for every rotary embedding of a transformers model (modules holding ``inv_freq``)."""
+    """Yield ``(name, module)`` for every rotary embedding of a transformers model (modules holding ``inv_freq``,
+    or one ``<layer_type>_inv_freq`` per layer type)."""
     for name, module in model.named_modules():
-        if "inv_freq" in getattr(module, "_buffers", {}) and hasattr(module, "config"):
+        if _inv_freq_buffers(module) and hasattr(module, "config"):
             yield name, module
 
 
-def rope_parameters_of(config) -> dict:
-    """A standalone copy of ``config.rope_parameters`` (transformers 5) with ``rope_type``/``rope_theta`` filled in."""
-    params = getattr(config, "rope_parameters", None)
-    if params is None and getattr(config, "rope_scaling", None) is not None:  # transformers 4 naming
-        params = config.rope_scaling
-    params = copy.deepcopy(dict(params or {}))
+def per_layer_type(params: dict) -> bool:
+    """Whether ``rope_parameters`` holds one RoPE per layer type (``{"full_attention": {...}, ...}``, Gemma 3)."""
+    return (
+        bool(params) and "rope_type" not in params and all(isinstance(v, dict) or v is None for v in params.values())
+    )
+
+
+def long_range_parameters(params: dict) -> dict:
+    """The RoPE of the layers that carry the long range: ``params`` itself, or its ``full_attention`` entry for a
+    model with one RoPE per layer type (``ValueError`` naming the layer types when it has none)."""
+    if not per_layer_type(params):
+        return params
+    if not isinstance(params.get(LONG_RANGE_LAYER_TYPE), dict):
+        raise ValueError(
+            f"This model has one RoPE per layer type ({sorted(params)}) but none for {LONG_RANGE_LAYER_TYPE!r} "
+            "layers, whose RoPE pi_peft extends (the others attend within a window); pi_peft cannot tell which "
+            "layers carry the long range here. Use a model whose long-range layers are `full_attention` (Gemma 3)."
+        )
+    return params[LONG_RANGE_LAYER_TYPE]
+
+
+def _filled(params: dict, config) -> dict:
     params.setdefault("rope_type", params.pop("type", "default"))
     if "rope_theta" not in params and getattr(config, "rope_theta", None) is not None:
         params["rope_theta"] = config.rope_theta
     return params
+
+
+def rope_parameters_of(config) -> dict:
+    """A standalone copy of ``config.rope_parameters`` (transformers 5) with ``rope_type``/``rope_theta`` filled in
+    (in every entry of a per-layer-type dict, see [`per_layer_type`])."""
+    params = getattr(config, "rope_parameters", None)
+    if params is None and getattr(config, "rope_scaling", None) is not None:  # transformers 4 naming
+        params = config.rope_scaling
+    params = copy.deepcopy(dict(params or {}))
+    if per_layer_type(params):
+        return {k: None if v is None else _filled(dict(v), config) for k, v in params.items()}
+    return _filled(params, config)
 
 
 def scaled_rope_parameters(
@@ -140,7 +180,20 @@ def scaled_rope_parameters(
     ``base`` keeps every key it already has (``rope_theta``, ``partial_rotary_factor``, ...). A base that is already
     linearly scaled composes with ``linear`` by multiplying the factors; every other combination that transformers'
     config cannot express raises ``ValueError``. ``scaling_factor == 1`` returns ``base`` unchanged (an exact no-op).
+    A model with one RoPE per layer type (Gemma 3) gets the extension on its ``full_attention`` entry only, as its
+    own long-context checkpoints do; its sliding-window layers keep theirs (see [`long_range_parameters`]).
     """
+    if per_layer_type(base):
+        long_range = long_range_parameters(base)  # raises when no entry carries the long range
+        extended = copy.deepcopy(base)
+        extended[LONG_RANGE_LAYER_TYPE] = scaled_rope_parameters(
+            long_range,
+            rope_type=rope_type,
+            scaling_factor=scaling_factor,
+            original_context_length=original_context_length,
+            **extra,
+        )
+        return extended
     info = rope_type_info(rope_type)
     params = copy.deepcopy(base)
     if scaling_factor == 1:
@@ -171,7 +224,8 @@ def _rotary_config(model: nn.Module):
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", type(model).__name__)
         raise ValueError(
-            f"Model type {model_type!r} has no rotary position embeddings (no module holds an `inv_freq` buffer). "
+            f"Model type {model_type!r} has no rotary position embeddings (no module holds an `inv_freq` or "
+            "`<layer_type>_inv_freq` buffer). "
             "Position Interpolation needs rotary embeddings (RoPE): use a RoPE model such as Llama, Mistral or Qwen2."
         )
     configs = {id(module.config): module.config for _, module in rotaries}
@@ -188,7 +242,7 @@ def model_rope_config(model: nn.Module):
 def _rebuild_rotary(module: nn.Module) -> None:
     """Recompute ``module``'s buffers from its (updated) config, with the model's own rotary class."""
     cls = type(module)
-    device = module.inv_freq.device
+    device = module._buffers[_inv_freq_buffers(module)[0]].device
     kwargs = {"device": device} if "device" in inspect.signature(cls.__init__).parameters else {}
     fresh = cls(module.config, **kwargs)
     for name, buffer in fresh.named_buffers(recurse=False):
@@ -227,8 +281,9 @@ def set_rope_parameters(model: nn.Module, rope_parameters: dict, max_position_em
         _rebuild_rotary(module)
     # nanoGPT-style invariant: every rotary module now reads the config we just wrote.
     for _, module in rotaries:
-        assert module.config.rope_parameters["rope_type"] == rope_parameters["rope_type"]
-        assert torch.isfinite(module.inv_freq).all()
+        written = long_range_parameters(rope_parameters)["rope_type"]
+        assert long_range_parameters(module.config.rope_parameters)["rope_type"] == written
+        assert all(torch.isfinite(module._buffers[name]).all() for name in _inv_freq_buffers(module))
 
 
 def effective_context_length(original_context_length: int, scaling_factor: float) -> int:

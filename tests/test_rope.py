@@ -217,3 +217,85 @@ def test_family_whose_config_refuses_the_rope_type_gets_a_clear_error():
 def test_dynamic_caveat_is_documented_where_dynamic_is_offered():
     assert "KV cache" in ROPE_TYPES["dynamic"].note
     assert "KV cache" in " ".join(PIConfig.__doc__.split())
+
+
+# ---- one RoPE per layer type (Gemma 3) -----------------------------------------------------------------------------
+def tiny_gemma3(full_rope=None):
+    """A tiny Gemma3ForCausalLM: a sliding-window layer (local RoPE, theta 1e4) and a full-attention layer (global
+    RoPE, by default linearly scaled x2 as Gemma 3 4B-27B ship), each with its own rotary buffers."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from pi_peft.testing import TINY_DIMS
+
+    full_rope = full_rope or {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}
+    local_rope = {"rope_type": "default", "rope_theta": 1e4}
+    config = Gemma3TextConfig(
+        **TINY_DIMS,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": full_rope, "sliding_attention": local_rope},
+    )
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("full_rope", [None, {"rope_type": "default", "rope_theta": 1e6}])  # 4B-27B, 1B (no scaling)
+def test_gemma3_pi_extends_the_full_attention_rope_only(tmp_path, full_rope, long_input):
+    """Regression (issue 19, item 14): Gemma 3 was refused with the false reason "no rotary position embeddings"
+    (its rotary module holds `full_attention_inv_freq` and `sliding_attention_inv_freq`). PI extends the RoPE of the
+    full-attention layers, as Gemma 3's own long-context checkpoints do; the sliding-window layers keep theirs."""
+    from peft import PeftModel
+
+    base = tiny_gemma3(full_rope)
+    rotary = base.model.rotary_emb
+    before = {name: buffer.clone() for name, buffer in rotary.named_buffers()}
+    base_factor = base.config.rope_parameters["full_attention"].get("factor", 1.0)
+    with torch.no_grad():
+        base_logits = base(long_input).logits
+    model = get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules="all-linear", init_lora_weights=False))
+    params = base.config.rope_parameters
+    assert params["full_attention"]["rope_type"] == "linear" and params["full_attention"]["factor"] == 4 * base_factor
+    assert params["sliding_attention"] == {"rope_type": "default", "rope_theta": 1e4}
+    assert base.config.max_position_embeddings == 4 * L
+    theta = 1e6 ** (torch.arange(0, 16, 2, dtype=torch.float) / 16)
+    torch.testing.assert_close(rotary.full_attention_inv_freq, 1 / theta / (4 * base_factor))
+    torch.testing.assert_close(rotary.sliding_attention_inv_freq, before["sliding_attention_inv_freq"], rtol=0, atol=0)
+    with torch.no_grad():
+        logits = model(long_input).logits
+        with model.disable_adapter():  # the base's own RoPE (and no LoRA): the base's logits
+            torch.testing.assert_close(model(long_input).logits, base_logits, rtol=0, atol=0)
+            assert base.config.rope_parameters["full_attention"].get("factor", 1.0) == base_factor
+    model.train()
+    model(long_input, labels=long_input).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_gemma3(full_rope), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(long_input).logits, logits, rtol=1e-5, atol=1e-5)
+    merged = loaded.merge_and_unload()
+    assert merged.config.rope_parameters == params  # the merged model keeps the extension, on full attention only
+
+
+def test_per_layer_type_rope_without_full_attention_is_refused_with_the_reason():
+    two_types = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4}, "chunked": None}
+    expected = r"one RoPE per layer type \(\['chunked', 'sliding_attention'\]\) but none for 'full_attention' layers"
+    with pytest.raises(ValueError, match=expected):
+        scaled_rope_parameters(two_types, rope_type="linear", scaling_factor=2.0, original_context_length=64)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_llama_cpp_rope_scale_is_the_composed_factor_on_a_linearly_scaled_base(tmp_path, family):
+    """llama.cpp's `--rope-scale` replaces the GGUF's own factor, so PI x4 on a base already scaled x2 (Gemma 3 4B-27B
+    ship linear x8 on their full-attention layers) needs `--rope-scale 8`; it was given the adapter's 4."""
+    import json
+
+    from pi_peft.sharing.serving import extension_of, llama_cpp_rope_flags
+
+    if family == "gemma3":
+        base = tiny_gemma3()
+    else:
+        base = tiny_model("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    get_peft_model(base, PIConfig(scaling_factor=4.0, target_modules="all-linear")).save_pretrained(tmp_path)
+    ext = extension_of(json.loads((tmp_path / "adapter_config.json").read_text()))
+    assert llama_cpp_rope_flags(ext) == f"--rope-scaling linear --rope-scale 8 -c {4 * L}"

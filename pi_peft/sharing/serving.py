@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..rope import ROPE_TYPES, rope_type_info, scaled_rope_parameters
+from ..rope import ROPE_TYPES, long_range_parameters, rope_type_info, scaled_rope_parameters
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted `--max-lora-rank` values (default 16)
 
@@ -116,16 +116,17 @@ def lora_without_flags_text(ext: Extension) -> str:
 def llama_cpp_rope_flags(ext: Extension) -> Optional[str]:
     """llama.cpp runtime flags that reproduce the adapter's RoPE, or ``None`` when llama.cpp has no such flag."""
     info = ROPE_TYPES[ext.rope_type]
-    if info.llama_cpp is None or any(ext.rope_parameters.get(k) is not None for k in info.llama_cpp_ignored):
+    params = long_range_parameters(ext.rope_parameters)  # Gemma 3: its full-attention layers' (llama.cpp scales those)
+    if info.llama_cpp is None or any(params.get(k) is not None for k in info.llama_cpp_ignored):
         return None
-    flags = [f"--rope-scaling {info.llama_cpp}", f"--rope-scale {fmt_factor(ext.scaling_factor)}"]
+    # `--rope-scale` replaces the GGUF's own factor: the composed one (PI on a linearly scaled base multiplies them)
+    flags = [
+        f"--rope-scaling {info.llama_cpp}",
+        f"--rope-scale {fmt_factor(params.get('factor', ext.scaling_factor))}",
+    ]
     if info.needs_original_window:
         flags.append(f"--yarn-orig-ctx {ext.original_context_length}")
-    flags += [
-        f"{flag} {ext.rope_parameters[key]:g}"
-        for key, flag in info.llama_cpp_flags
-        if ext.rope_parameters.get(key) is not None
-    ]
+    flags += [f"{flag} {params[key]:g}" for key, flag in info.llama_cpp_flags if params.get(key) is not None]
     return " ".join(flags + [f"-c {ext.context_length}"])
 
 
