@@ -242,3 +242,21 @@ def test_tokens_per_second_after_a_resume_counts_the_tokens_since_the_last_log(m
     clock = iter([110.0])
     progress.on_log(None, state, None, logs=logs)
     assert logs["tokens_per_second"] == 128.0  # 2 x 256 tokens in 4 s
+
+
+def test_a_fresh_run_into_a_finished_output_dir_is_refused(finished, tmp_path):
+    out = _copy(finished, tmp_path)
+    with pytest.raises(ValueError, match=r"already holds a run \(a final adapter and checkpoints at steps 2, 4\)"):
+        main(*parse_train_args(_finished_argv(finished.model, finished.data, out)))
+    assert _contents(out) == finished.files
+
+
+def test_a_kill_during_the_final_save_leaves_no_temporary_folder_after_the_resume(finished, tmp_path):
+    out = _copy(finished, tmp_path)
+    for name in [n for n in finished.files if "/" not in n]:
+        (out / name).unlink()
+    stale = out / ".tmp-final-99999"  # what a process killed while moving the final adapter in leaves
+    stale.mkdir()
+    (stale / "adapter_config.json").write_text("{}")
+    main(*parse_train_args(_finished_argv(finished.model, finished.data, out, "--resume_from_checkpoint", "true")))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp")]

@@ -325,6 +325,19 @@ def has_final_adapter(output_dir: str) -> bool:
     return True
 
 
+def earlier_run(output_dir: str) -> str:
+    """What an earlier `pi-peft train` left in `output_dir` (its final adapter, its checkpoints), `""` if nothing."""
+    if not os.path.isdir(output_dir):
+        return ""
+    steps = sorted(
+        int(n.split("-")[-1]) for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n[11:].isdigit()
+    )
+    found = ["a final adapter"] if has_final_adapter(output_dir) else []
+    if steps:
+        found.append(f"checkpoints at steps {', '.join(map(str, steps))}")
+    return " and ".join(found)
+
+
 def finished_at(checkpoint: str, training_args) -> Optional[int]:
     """The step of `checkpoint` when it ends the run `training_args` asks for (`max_steps`, or the checkpoint's own
     step count when training by epochs with unchanged `num_train_epochs`); `None` when steps are left to train."""
@@ -372,7 +385,9 @@ def _move_in(tmp: str, output_dir: str, training_args) -> None:
     names = sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json")
     for name in names:
         os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    shutil.rmtree(tmp, ignore_errors=True)
+    for name in os.listdir(output_dir):  # this one, and any left by a process killed while saving
+        if name.startswith(".tmp-final-"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def training_window(max_length: Optional[int], context_length: int) -> int:
@@ -394,11 +409,19 @@ def finish_or_refuse(checkpoint: Optional[str], training_args) -> bool:
 
     A run whose `checkpoint` is already at its last step is not trained again: its final adapter is left as it is
     (or, after a crash between that checkpoint and the final save, written from the checkpoint) and this returns
-    `False`. A resume with no checkpoint into an `output_dir` that holds a final adapter is refused: it would train
-    from scratch over it."""
+    `False`. A resume with no checkpoint into an `output_dir` that holds a final adapter is refused (it would train
+    from scratch over it), and so is a run without `resume_from_checkpoint` into an `output_dir` that holds an earlier
+    run (final adapter or checkpoints): it would overwrite it and mix the two runs' checkpoints."""
     output_dir = training_args.output_dir
     if checkpoint is None:
         asked = training_args.resume_from_checkpoint not in (None, False, "", "false", "False")
+        earlier = earlier_run(output_dir)
+        if not asked and earlier:
+            raise ValueError(
+                f"`output_dir`={output_dir!r} already holds a run ({earlier}); training from scratch into it would "
+                "overwrite that run and mix its checkpoints with the new ones. Pass `--resume_from_checkpoint true` "
+                "to continue (or finish) it, or choose a new `output_dir` (remove the folder to start over)."
+            )
         if asked and has_final_adapter(output_dir):
             raise ValueError(
                 f"`resume_from_checkpoint`={training_args.resume_from_checkpoint!r}: `output_dir`={output_dir!r} "
