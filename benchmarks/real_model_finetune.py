@@ -1,9 +1,20 @@
 """PI + LoRA fine-tuning on a real model: SmolLM2-135M (window 8192) extended to 16384 on CPU with `pi-peft train`,
 beside YaRN + LoRA with the same data, steps and adapter settings, scored by perplexity and lm-eval's RULER.
 
-    python benchmarks/real_model_finetune.py --parts speed     # fp32 vs bf16 step time (minutes on one thread)
-    python benchmarks/real_model_finetune.py                   # train both arms, evaluate, report (resumable)
-    python benchmarks/real_model_finetune.py --quick           # smoke run: short lengths, a few steps
+    python benchmarks/real_model_finetune.py --parts check,speed  # bf16 vs fp32 gradients and step time (~30 min)
+    python benchmarks/real_model_finetune.py                      # train both arms, evaluate, report (resumable)
+    python benchmarks/real_model_finetune.py --quick              # smoke run: short lengths, a few steps
+
+The long run, in the background on one thread (the same command resumes it):
+
+    setsid nohup env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/real_model_finetune.py \\
+        >> ~/.cache/pi_peft/real_model_finetune/run.log 2>&1 < /dev/null &
+
+Defaults, chosen from the speed part's numbers (`benchmarks/README.md`, section 7): 16384-token rows (the extended
+window itself), bf16 autocast with fp32 weights (1.8x faster than fp32, same losses), full attention (S2-Attn saved
+nothing on this model at 8192), no tiled MLP (3.4x slower), batch 1, 32 steps per arm, lr 5e-4 constant after 4
+warm-up steps (constant, so that a run can be extended with a larger `--steps`), LoRA r 8 / alpha 16 on all linear
+layers, trainable embeddings and norms (LongLoRA, as `pi-peft train` defaults), a checkpoint every 2 steps.
 
 Run it again with the same arguments to resume: each arm's `pi-peft train` restarts from its newest complete
 checkpoint (`--resume_from_checkpoint true`), a finished arm (final adapter + `done.json`) is never retrained, and
@@ -30,10 +41,10 @@ Set-up besides the README's (nothing from the Hugging Face Hub):
 
 Parts (each writes `<work-dir>/<part>.json`; the report combines what exists):
 
-1. ``speed``: fp32 vs bf16 on this CPU. Loss and gradients of one 512-token step in fp32, in bf16 autocast
-   (fp32 weights: `--dtype float32 --bf16 true`) and with bf16 weights (`--dtype bfloat16 --bf16 true`, fp32 LoRA),
-   then the wall time of `pi-peft train` steps for each configuration (dtype, length, S2-Attn, tiled MLP), side by
-   side in one run.
+1. ``check``: loss and gradients of one 512-token step in bf16 autocast (fp32 weights: `--dtype float32 --bf16
+   true`) and with bf16 weights (`--dtype bfloat16 --bf16 true`, fp32 LoRA) against fp32, every trainable tensor.
+   ``speed``: wall and CPU seconds of `pi-peft train` steps for each configuration (dtype, length, S2-Attn, tiled
+   MLP), side by side in one run (`--speed-lengths` re-runs some rows and keeps the others).
 2. ``train``: the two arms, `pi-peft train` with PI (`--rope_type linear`) or YaRN (`--rope_type yarn`), s = 2.
 3. ``eval``: perplexity at 2048 / 8192 / 16384 on the same held-out tokens (non-overlapping windows of L tokens;
    every token scored) and RULER `niah_single_1` + `niah_multikey_2` at 4096 / 8192 / 16384 through lm-eval's
