@@ -14,8 +14,14 @@ Then it resumes (`--resume_from_checkpoint true`) to the end, and runs the same 
 the final `adapter_model.safetensors` is byte-identical to the uninterrupted run's, and the extra run trains no step,
 adds no checkpoint and leaves every byte and modification time of the finished adapter as it was.
 
+`--chain` puts ten kill points along one run instead (each later one hits the resumed run; 13 processes rather than
+30): a random-time kill before each of the three mid-write kills, one more random-time kill, one before and one during
+the final save, and one during a re-run of the finished command; then the same two checks.
+
 ```bash
-OMP_WAIT_POLICY=PASSIVE python benchmarks/kill_resume_soak.py --trials 10 --seed 0 --json-out results/soak.json
+OMP_WAIT_POLICY=PASSIVE python -u benchmarks/kill_resume_soak.py --chain --seed 0 \
+    --json-out benchmarks/results/kill_resume_soak.json
+OMP_WAIT_POLICY=PASSIVE python benchmarks/kill_resume_soak.py --trials 10 --seed 0
 ```
 """
 
@@ -149,19 +155,21 @@ def child(argv: list[str]) -> int:
 
 # ---- the parent --------------------------------------------------------------------------------------------------
 def run_train(argv: list[str], kind: str = "none", step: Optional[int] = None, file: Optional[str] = None,
-              delay: Optional[float] = None, timeout: float = 900) -> tuple[int, Optional[float]]:  # fmt: skip
-    """Run the child; with `delay`, SIGKILL it `delay` s after its first checkpoint folder appeared. Returns the exit
-    code and the seconds from that first checkpoint folder to the end (`None` when none appeared)."""
+              delay: Optional[float] = None, timeout: float = 900,
+              from_launch: bool = False) -> tuple[int, Optional[float]]:  # fmt: skip
+    """Run the child; with `delay`, SIGKILL it `delay` s after the first checkpoint folder that was not there at
+    launch appeared (or after launch: `from_launch`). Returns the exit code and the seconds from that moment to the
+    end (`None` when it never came)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, str(step or "-"), file or "-", *argv]
     output_dir = argv[argv.index("--output_dir") + 1]
-    fresh = not os.path.isdir(output_dir)
+    existing = set(os.listdir(output_dir)) if os.path.isdir(output_dir) else set()
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        started, deadline = None, time.time() + timeout
+        started, deadline = (time.time() if from_launch else None), time.time() + timeout
         while proc.poll() is None:
-            if started is None and fresh and os.path.isdir(output_dir):
-                if any(n.startswith("checkpoint-") for n in os.listdir(output_dir)):
+            if started is None and os.path.isdir(output_dir):
+                if any(n.startswith("checkpoint-") and n not in existing for n in os.listdir(output_dir)):
                     started = time.time()
             if delay is not None and started is not None and time.time() - started >= delay:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -217,6 +225,72 @@ def plan(trials: int, rng: random.Random, window_s: float) -> list[dict[str, Any
     return points
 
 
+def latest_complete_step(output_dir: str) -> int:
+    from pi_peft.training.sft import last_complete_checkpoint
+
+    found = last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    return int(found.split("-")[-1]) if found else 0
+
+
+def chain_plan(rng: random.Random, window_s: float) -> list[dict[str, Any]]:
+    """Ten kill points along ONE run, in the order it reaches them (each later one hits the resumed run): a kill at a
+    random time before each mid-write kill of a checkpoint file, one before and one during the final save, and one
+    during a re-run of the finished command."""
+    files = list(WRITE_FILES)
+    rng.shuffle(files)
+    points = []
+    for file in files:
+        points.append({"kind": "time", "delay_s": round(rng.uniform(0.0, min(1.0, window_s / 4)), 3)})
+        points.append({"kind": "write", "file": file})  # at a checkpoint the run has not reached yet (chosen then)
+    points += [{"kind": "time", "delay_s": round(rng.uniform(0.0, min(1.0, window_s / 4)), 3)}]
+    points += [{"kind": "before-final"}, {"kind": "mid-final"}]
+    points += [{"kind": "rerun-time", "delay_s": round(rng.uniform(0.0, 10.0), 3)}]
+    return points
+
+
+def chain(model: str, data: str, work: str, reference: str, window_s: float, rng: random.Random) -> dict[str, Any]:
+    """Run :func:`chain_plan` on one output folder, then resume to the end and re-run the finished command."""
+    out = os.path.join(work, "chain")
+    shutil.rmtree(out, ignore_errors=True)
+    rows = []
+    for i, point in enumerate(chain_plan(rng, window_s)):
+        argv = train_argv(model, data, out, *(["--resume_from_checkpoint", "true"] if i else []))
+        if point["kind"] == "write":
+            left = [s for s in range(SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS) if s > latest_complete_step(out)]
+            if not left:
+                rows.append({**point, "killed": False, "skipped": "no checkpoint left to write"})
+                continue
+            point["step"] = rng.choice(left[:2])
+        if point["kind"] == "rerun-time":
+            run_train(argv)  # first to the end: this point kills a re-run of the finished command
+            finished = snapshot(out)
+        rerun = point["kind"] == "rerun-time"
+        kind = "time" if rerun else point["kind"]
+        code, _ = run_train(argv, kind, point.get("step"), point.get("file"), point.get("delay_s"), from_launch=rerun)
+        row = {**point, "killed": code == -signal.SIGKILL, "at_kill": state_at_kill(out)}
+        if point["kind"] == "rerun-time":
+            row["finished_adapter_unchanged"] = snapshot(out) == finished
+        rows.append(row)
+        print(f"kill {i}: {point} killed={row['killed']} at kill: {row['at_kill']}", flush=True)
+    resume = train_argv(model, data, out, "--resume_from_checkpoint", "true")
+    run_train(resume)
+    final = snapshot(out)
+    run_train(resume)
+    again = snapshot(out)
+    bit_equal = final["files"].get("adapter_model.safetensors", ("missing",))[0] == reference
+    result = {
+        "kills": rows,
+        "n_killed": sum(r["killed"] for r in rows),
+        "bit_equal": bit_equal,
+        "rerun_changed_nothing": again == final,
+        "finished_adapter_unchanged_by_killed_rerun": rows[-1].get("finished_adapter_unchanged"),
+        "checkpoints": final["checkpoints"],
+    }
+    result["ok"] = bool(bit_equal and result["rerun_changed_nothing"] and result[
+        "finished_adapter_unchanged_by_killed_rerun"] is not False)  # fmt: skip
+    return result
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--child":
@@ -226,6 +300,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--points", default=None, help="comma-separated kill points for the trials (e.g. mid-final)")
+    parser.add_argument(
+        "--chain", action="store_true", help="ten kill points along one run (13 processes) instead of `--trials`"
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
@@ -242,8 +320,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     reference = digest(os.path.join(reference_dir, "adapter_model.safetensors"))
     print(f"uninterrupted run: adapter sha256 {reference[:16]}, {window_s:.2f} s from its first checkpoint to exit")
 
+    if args.chain:
+        result = chain(model, data, work, reference, window_s, random.Random(args.seed))
+        print(
+            f"chain: {result['n_killed']} of {len(result['kills'])} kill points killed the process; final adapter "
+            f"bit-equal to the uninterrupted run: {result['bit_equal']}; a re-run of the finished command changed "
+            f"nothing: {result['rerun_changed_nothing']}; a re-run killed mid-way left the finished adapter as it "
+            f"was: {result['finished_adapter_unchanged_by_killed_rerun']}; {time.time() - t0:.0f} s (seed {args.seed})"
+        )
+        if args.json_out:
+            from pi_peft.utils import write_json
+
+            write_json(args.json_out, {"reference_sha256": reference, "seed": args.seed, "chain": result})
+        return 0 if result["ok"] else 1
+
+    points = plan(args.trials, random.Random(args.seed), window_s)
+    if args.points:
+        points = [{"kind": kind, "file": None, "step": None} for kind in args.points.split(",")]
     results = []
-    for i, point in enumerate(plan(args.trials, random.Random(args.seed), window_s)):
+    for i, point in enumerate(points):
         out = os.path.join(work, f"trial-{i}")
         shutil.rmtree(out, ignore_errors=True)
         first = train_argv(model, data, out)
