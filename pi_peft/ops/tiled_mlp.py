@@ -191,8 +191,9 @@ def apply_tiled_mlp(
         dense = len(modules) - len(moe)
         raise ValueError(
             f"`tiled_mlp` cannot tile `{names.get(id(moe[0]), '?')}` ({type(moe[0]).__name__}), a mixture-of-experts "
-            f"block ({len(moe)} of the {len(modules)} MLP(s) to tile in {type(model).__name__}): inside a tile its router runs without gradient (the "
-            "router logits of `output_router_logits` / `router_aux_loss_coef` would lose their graph: the aux loss "
+            f"block ({len(moe)} of the {len(modules)} MLP(s) to tile in {type(model).__name__}): inside a tile its "
+            "router runs without gradient (the router logits of `output_router_logits` / `router_aux_loss_coef` "
+            "would lose their graph: the aux loss "
             "would be unchanged but its gradients wrong), and the block reshapes the whole batch and scales its input "
             "in place (`router_jitter_noise`). Leave `tiled_mlp` off for this model"
             + (
