@@ -249,12 +249,27 @@ def chain_plan(rng: random.Random, window_s: float) -> list[dict[str, Any]]:
 
 
 def chain(model: str, data: str, work: str, reference: str, window_s: float, rng: random.Random) -> dict[str, Any]:
-    """Run :func:`chain_plan` on one output folder, then resume to the end and re-run the finished command."""
-    out = os.path.join(work, "chain")
-    shutil.rmtree(out, ignore_errors=True)
-    rows = []
+    """Run :func:`chain_plan` on one output folder, then resume to the end and re-run the finished command. When a
+    kill came after the run's end (a random time can), the next point starts a new folder (a segment), whose final
+    adapter must be bit-equal too."""
+    from pi_peft.training.sft import has_final_adapter
+
+    segments, rows = [], []
+
+    def new_segment() -> str:
+        folder = os.path.join(work, f"chain-{len(segments)}")
+        shutil.rmtree(folder, ignore_errors=True)
+        segments.append({"folder": folder})
+        return folder
+
+    out = new_segment()
     for i, point in enumerate(chain_plan(rng, window_s)):
-        argv = train_argv(model, data, out, *(["--resume_from_checkpoint", "true"] if i else []))
+        if point["kind"] != "rerun-time" and has_final_adapter(out):
+            # a kill came after the end: this run is finished, so the next point needs a new one
+            segments[-1]["bit_equal"] = digest(os.path.join(out, "adapter_model.safetensors")) == reference
+            out = new_segment()
+        fresh = not os.path.isdir(out)
+        argv = train_argv(model, data, out, *([] if fresh else ["--resume_from_checkpoint", "true"]))
         if point["kind"] == "write":
             left = [s for s in range(SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS) if s > latest_complete_step(out)]
             if not left:
@@ -267,7 +282,7 @@ def chain(model: str, data: str, work: str, reference: str, window_s: float, rng
         rerun = point["kind"] == "rerun-time"
         kind = "time" if rerun else point["kind"]
         code, _ = run_train(argv, kind, point.get("step"), point.get("file"), point.get("delay_s"), from_launch=rerun)
-        row = {**point, "killed": code == -signal.SIGKILL, "at_kill": state_at_kill(out)}
+        row = {**point, "segment": len(segments) - 1, "killed": code == -signal.SIGKILL, "at_kill": state_at_kill(out)}
         if point["kind"] == "rerun-time":
             row["finished_adapter_unchanged"] = snapshot(out) == finished
         rows.append(row)
@@ -277,8 +292,10 @@ def chain(model: str, data: str, work: str, reference: str, window_s: float, rng
     final = snapshot(out)
     run_train(resume)
     again = snapshot(out)
-    bit_equal = final["files"].get("adapter_model.safetensors", ("missing",))[0] == reference
+    segments[-1]["bit_equal"] = final["files"].get("adapter_model.safetensors", ("missing",))[0] == reference
+    bit_equal = all(segment["bit_equal"] for segment in segments)
     result = {
+        "segments": segments,
         "kills": rows,
         "n_killed": sum(r["killed"] for r in rows),
         "bit_equal": bit_equal,
