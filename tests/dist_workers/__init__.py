@@ -1,0 +1,1 @@
+"""Worker scripts of the multi-process tests (run under torchrun by :mod:`dist_workers.common`) and their harness."""
