@@ -350,30 +350,44 @@ def finished_at(checkpoint: str, training_args) -> Optional[int]:
     return state["global_step"] if state["global_step"] >= target else None
 
 
+FINAL_TMP = ".tmp-final-save"
+"""The temporary folder of the final save in `output_dir`: one name on every rank (each writes its share there, the
+main process moves it in); every `.tmp-final-*` left by a killed process is removed after a save."""
+
+
 def save_adapter(trainer, output_dir: str) -> None:
     """Save the final adapter (+ tokenizer) into `output_dir`, complete or absent: written to a temporary directory
     first, then moved in, `adapter_config.json` last. Safetensors only: the Trainer's pickled `training_args.bin`
-    is replaced by `training_args.json` (tokens masked by transformers)."""
-    tmp = os.path.join(output_dir, f".tmp-final-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    is replaced by `training_args.json` (tokens masked by transformers).
+
+    Under several processes every rank calls the Trainer's `save_model` (ZeRO-3 and FSDP gather the weights with
+    collectives), the main process alone writes and moves the files, and no rank returns before the move is done."""
+    accelerator = trainer.accelerator
+    tmp = os.path.join(output_dir, FINAL_TMP)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     trainer.save_model(tmp)
-    if trainer.accelerator.is_main_process:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         _move_in(tmp, output_dir, trainer.args)
+    accelerator.wait_for_everyone()
 
 
 def save_adapter_from_checkpoint(checkpoint: str, output_dir: str, training_args) -> None:
     """The final adapter of a run whose last checkpoint is `checkpoint` (a crash came between it and the final save):
     its model files, byte for byte (the Trainer saved the same model there), moved in as :func:`save_adapter` does."""
-    if training_args.process_index != 0:
-        return
-    tmp = os.path.join(output_dir, f".tmp-final-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in os.listdir(checkpoint):
-        source = os.path.join(checkpoint, name)
-        if name not in CHECKPOINT_ONLY and not name.startswith("rng_state") and os.path.isfile(source):
-            shutil.copy2(source, os.path.join(tmp, name))
-    _move_in(tmp, output_dir, training_args)
+    if training_args.process_index == 0:
+        tmp = os.path.join(output_dir, FINAL_TMP)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name in os.listdir(checkpoint):
+            source = os.path.join(checkpoint, name)
+            if name not in CHECKPOINT_ONLY and not name.startswith("rng_state") and os.path.isfile(source):
+                shutil.copy2(source, os.path.join(tmp, name))
+        _move_in(tmp, output_dir, training_args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank ends before the adapter is in place
 
 
 def _move_in(tmp: str, output_dir: str, training_args) -> None:
@@ -452,13 +466,29 @@ def finish_or_refuse(checkpoint: Optional[str], training_args) -> bool:
     return False
 
 
-def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_args: PIModelConfig, pi_args):
+def main(
+    script_args: ScriptArguments,
+    training_args: PITrainingConfig,
+    model_args: PIModelConfig,
+    pi_args,
+    callbacks: Optional[list] = None,
+):
     """Load the data and the (4-bit) base, train a PI adapter with `SFTTrainer`, save it (and push it); returns the
-    trainer, or `None` when a resume found the run already finished (see :func:`finish_or_refuse`)."""
+    trainer, or `None` when a resume found the run already finished (see :func:`finish_or_refuse`). `callbacks`: extra
+    `TrainerCallback`s for the trainer.
+
+    Under several processes (`torchrun`, `accelerate launch`) a launch that would not be distributed is refused
+    before the model loads, the engine accelerate built is checked against the one asked for, and the RoPE
+    frequencies are checked equal on every rank before the first step (:mod:`pi_peft.training.distributed`)."""
     from transformers import AutoConfig, AutoTokenizer
     from trl import SFTTrainer
 
     from .data import load_raw_dataset, prepare_train_dataset
+    from .distributed import check_engine, check_launch, check_rope_across_ranks
+
+    check_launch(training_args, model_args)  # before anything starts a process group or loads a model
+    if not training_args.should_log:
+        logging.getLogger("pi_peft").setLevel(logging.ERROR)  # replicas: warnings once, from the main process
 
     refuse_to_overwrite_inputs(
         training_args.output_dir,
@@ -522,8 +552,11 @@ def main(script_args: ScriptArguments, training_args: PITrainingConfig, model_ar
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=callbacks,
     )
     trainer.callback_handler.callbacks.insert(0, progress)  # before the printers, so they show its fields
+    check_engine(trainer)
+    check_rope_across_ranks(trainer.model)  # PI on every rank, before any step
 
     # Train (resuming from the newest complete checkpoint when asked), save, push
     trainer.train(resume_from_checkpoint=checkpoint)
