@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Optional
 
 from ..training.estimate import (
     ATTENTIONS,
@@ -15,6 +16,7 @@ from ..training.estimate import (
     format_estimate,
     load_model_config,
     max_context,
+    parallelism_from_accelerate_config,
     recipes_table,
     training_flops,
 )
@@ -53,15 +55,56 @@ def _parser() -> argparse.ArgumentParser:
         help="S²-Attn block ratio (e.g. 0.25): also print one step's FLOPs with full attention vs S² (memory is the "
         "same either way)",
     )
+    g = p.add_argument_group("more than one GPU (every number is then per GPU)")
+    g.add_argument("--num-gpus", type=int, default=None, help="GPUs of the run (default 1; DDP unless sharded)")
+    g.add_argument(
+        "--sp-size",
+        type=int,
+        default=None,
+        help="Ulysses sequence parallelism: GPUs sharing one sequence, context/S tokens each (needs --zero3)",
+    )
+    g.add_argument("--zero3", action="store_true", help="DeepSpeed ZeRO-3: weights and optimizer partitioned")
+    g.add_argument("--fsdp", action="store_true", help="FSDP2 FULL_SHARD: weights and optimizer sharded")
+    g.add_argument("--offload", action="store_true", help="sharded weights + optimizer in CPU memory (ZeRO-3 / FSDP)")
+    g.add_argument("--accelerate-config", metavar="YAML",
+                   help="take the four settings above from an accelerate config (recipes/accelerate/*.yaml); with "
+                   "--recipes, instead of the one each recipe's header launches it with")  # fmt: skip
     p.add_argument("--recipes", nargs="+", metavar="YAML", help="print a markdown table for these recipe files")
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     return p
 
 
+def parallel_settings(args: argparse.Namespace) -> Optional[dict]:
+    """`num_gpus`, `sharding`, `sp_size`, `offload` from the flags or `--accelerate-config`; None when neither is
+    given (one GPU, or with `--recipes` each recipe's own accelerate config)."""
+    flags = [f"--{name}" for name in ("zero3", "fsdp", "offload") if getattr(args, name)]
+    flags += [f"--{name.replace('_', '-')}" for name in ("num_gpus", "sp_size") if getattr(args, name) is not None]
+    if args.zero3 and args.fsdp:
+        raise ValueError(
+            "`--zero3` and `--fsdp` are exclusive (DeepSpeed ZeRO-3 or FSDP2 shards the model, not both); pick one."
+        )
+    if args.accelerate_config:
+        if flags:
+            raise ValueError(
+                f"`--accelerate-config` {args.accelerate_config!r} sets the GPUs and the engine; drop "
+                f"{', '.join(flags)} (or drop `--accelerate-config`)."
+            )
+        return parallelism_from_accelerate_config(args.accelerate_config)
+    if not flags:
+        return None
+    return dict(
+        num_gpus=1 if args.num_gpus is None else args.num_gpus,
+        sharding="zero3" if args.zero3 else "fsdp" if args.fsdp else "none",
+        sp_size=1 if args.sp_size is None else args.sp_size,
+        offload=args.offload,
+    )
+
+
 def cli_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    parallel = parallel_settings(args)
     if args.recipes:
-        print(recipes_table(args.recipes, args.gpu_gb))
+        print(recipes_table(args.recipes, args.gpu_gb, parallel))
         return 0
     if args.model is None or args.context_length is None:
         _parser().error("give a MODEL and `--context-length` (or `--recipes YAML ...`)")
@@ -77,6 +120,7 @@ def cli_main(argv: list[str]) -> int:
         tiled_mlp=args.tiled_mlp,
         tile_tokens=args.tile_tokens,
         lora_dropout=args.lora_dropout,
+        **(parallel or {}),
     )
     config = load_model_config(args.model)
     est = estimate_memory(config, args.context_length, **kwargs)
