@@ -54,6 +54,8 @@ Parts (each writes `<work-dir>/<part>.json`; the report combines what exists):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import glob
 import hashlib
 import html.parser
@@ -629,6 +631,20 @@ def arm_dir(args, arm: str) -> Path:
     return args.work_dir / "runs" / arm
 
 
+@contextlib.contextmanager
+def arm_lock(out: Path):
+    """Hold `out/.train.lock` while this process trains the arm in `out`: a second process asked for the same arm
+    (e.g. `--arms yarn` started beside a full run, to train both arms at once on two cores) waits for it instead
+    of training into the same folder; the lock goes with the process, a killed one included."""
+    with open(out / ".train.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"train {out.name}: another process is training it ({out / '.train.lock'}); waiting for it to end")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def part_train(args) -> dict:
     from transformers import AutoTokenizer
 
@@ -646,28 +662,34 @@ def part_train(args) -> dict:
         out = arm_dir(args, arm)
         out.mkdir(parents=True, exist_ok=True)
         done = out / "done.json"
-        if done.exists():
-            log(f"train {arm}: finished before ({done}); not retrained")
-        else:
-            cmd = train_command(
-                args,
-                folder,
-                corpus["path"],
-                out,
-                rope_type=ARMS[arm],
-                length=args.train_length,
-                steps=args.steps,
-                dtype=args.dtype,
-                s2_attn=args.s2_attn,
-                tiled_mlp=False,
-                save_steps=args.save_steps,
-            )
-            run_train(cmd, out / "train.log", args.threads, times_path=out / "times.json")
-            if not (out / "adapter_model.safetensors").exists():
-                raise RuntimeError(f"{out}: `pi-peft train` ended without a final adapter")
-            save_json(done, dict(command=shlex.join(cmd), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        with arm_lock(out):
+            train_arm(args, arm, folder, corpus, out, done)
         arms[arm] = arm_summary(args, arm)
     return dict(arms=arms, corpus=corpus, overlap=json.loads(overlap_path.read_text()))
+
+
+def train_arm(args, arm: str, folder: Path, corpus: dict, out: Path, done: Path) -> None:
+    """Train (or resume) one arm into `out` unless `done` says it finished; `done` is written last."""
+    if done.exists():
+        log(f"train {arm}: finished before ({done}); not retrained")
+    else:
+        cmd = train_command(
+            args,
+            folder,
+            corpus["path"],
+            out,
+            rope_type=ARMS[arm],
+            length=args.train_length,
+            steps=args.steps,
+            dtype=args.dtype,
+            s2_attn=args.s2_attn,
+            tiled_mlp=False,
+            save_steps=args.save_steps,
+        )
+        run_train(cmd, out / "train.log", args.threads, times_path=out / "times.json")
+        if not (out / "adapter_model.safetensors").exists():
+            raise RuntimeError(f"{out}: `pi-peft train` ended without a final adapter")
+        save_json(done, dict(command=shlex.join(cmd), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
 
 
 def arm_summary(args, arm: str) -> dict:
