@@ -4,6 +4,7 @@ Check `pi-peft estimate` against measured peaks, and regenerate the estimate in 
 ```bash
 python recipes/check_estimate.py            # measured vs estimated: prints a markdown table
 python recipes/check_estimate.py --headers  # rewrite the "Estimated peak GPU memory" lines of recipes/*.yaml
+                                            # (multi-GPU recipes: per GPU, under their accelerate config)
 ```
 
 The check trains tiny Llama configs on CPU (fp32 LoRA steps, `pi_peft.training.measure.measure_cpu_peak`): the peak
@@ -16,7 +17,7 @@ import argparse
 import glob
 import os
 
-from pi_peft.training.estimate import GIB, estimate_memory, recipe_row
+from pi_peft.training.estimate import GIB, engine_label, estimate_memory, is_multi_gpu, recipe_row
 from pi_peft.training.measure import measure_cpu_peak
 
 CONFIGS = {
@@ -55,16 +56,29 @@ def check() -> None:
 
 
 def header_lines(path: str) -> list[str]:
-    """The two estimate lines of a recipe's header, from `pi_peft.training.estimate.recipe_row`."""
+    """The two estimate lines of a recipe's header, from `pi_peft.training.estimate.recipe_row` (per GPU under the
+    accelerate config of the recipe's `accelerate launch --config_file` line, if it has one)."""
     row = recipe_row(path)
     e, name = row["estimate"], os.path.basename(path)
     gib = lambda x: f"{x / GIB:.1f}"  # noqa: E731
     layer = "recomputed layer" + (f" (MLP tiles of {e.tile_tokens})" if e.tile_tokens else "")
+    if not is_multi_gpu(e):
+        return [
+            f"# Estimated peak GPU memory (pi-peft estimate --recipes recipes/{name}): {gib(e.total)} GiB",
+            f"#   weights {gib(e.weights)} + LoRA/embeddings/norms with grads and AdamW {gib(e.trainable)} + "
+            f"checkpoints {gib(e.checkpoints)} + max({layer} {gib(e.layer)}, logits/loss {gib(e.logits)}) + CUDA "
+            f"{gib(e.overhead)}; largest context that fits 24 GiB: {row['max_context']}",
+        ]
+    one = recipe_row(path, parallel={})  # the same recipe on one GPU, for comparison
+    a2a = f" + all-to-all {gib(e.all_to_all)}" if e.sp_size > 1 else ""
+    tokens = f", {e.tokens_per_rank} tokens per GPU" if e.sp_size > 1 else ""
     return [
-        f"# Estimated peak GPU memory (pi-peft estimate --recipes recipes/{name}): {gib(e.total)} GiB",
-        f"#   weights {gib(e.weights)} + LoRA/embeddings/norms with grads and AdamW {gib(e.trainable)} + checkpoints "
-        f"{gib(e.checkpoints)} + max({layer} {gib(e.layer)}, logits/loss {gib(e.logits)}) + CUDA {gib(e.overhead)}; "
-        f"largest context that fits 24 GiB: {row['max_context']}",
+        f"# Estimated peak GPU memory per GPU (pi-peft estimate --recipes recipes/{name}): {gib(e.total)} GiB on "
+        f"{engine_label(e)}{tokens}",
+        f"#   weights {gib(e.weights)} (1/{e.num_gpus}) + gathered {gib(e.gathered)} + LoRA/embeddings/norms with "
+        f"grads and AdamW {gib(e.trainable)} + checkpoints {gib(e.checkpoints)} + max({layer} {gib(e.layer)}{a2a}, "
+        f"logits/loss {gib(e.logits)}) + CUDA {gib(e.overhead)}; largest context that fits 24 GiB per GPU: "
+        f"{row['max_context']} (on one GPU: {gib(one['estimate'].total)} GiB, largest {one['max_context']})",
     ]
 
 

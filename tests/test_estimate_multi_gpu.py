@@ -337,6 +337,79 @@ def test_accelerate_launch_starts_the_processes_with_the_configs_settings(config
         )
 
 
+MULTI_GPU_RECIPES = {
+    "recipes/llama2-13b-32k-fsdp2.yaml": ("recipes/accelerate/fsdp2-qlora.yaml", "meta-llama/Llama-2-13b-hf", 32768),
+    "recipes/llama3-8b-256k-sp8.yaml": ("recipes/accelerate/ulysses-zero3.yaml", LLAMA3, 262144),
+}
+
+
+def _check_estimate_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_estimate", "recipes/check_estimate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_recipe_header_is_what_the_estimator_prints():
+    """The two estimate lines of every recipe's header are `recipes/check_estimate.py --headers`' output now (per GPU
+    under its accelerate config for the multi-GPU recipes), not typed by hand."""
+    header_lines = _check_estimate_module().header_lines
+    recipes = sorted(glob.glob("recipes/*.yaml"))
+    assert set(MULTI_GPU_RECIPES) < set(recipes) and len(recipes) == 7
+    for path in recipes:
+        lines = open(path).read().split("\n")
+        at = next(k for k, line in enumerate(lines) if line.startswith("# Estimated peak GPU memory"))
+        assert lines[at : at + 2] == header_lines(path), path
+
+
+@pytest.mark.parametrize("recipe", sorted(MULTI_GPU_RECIPES))
+def test_multi_gpu_recipes_run_under_their_accelerate_config_and_fit(recipe):
+    config, model, context = MULTI_GPU_RECIPES[recipe]
+    row = recipe_row(recipe)
+    assert row["accelerate_config"].endswith(config) and row["model"] == model
+    e = row["estimate"]
+    assert e.context_length == context and e.total < 24 * GIB
+    # what several GPUs buy: less per GPU, and a longer largest context than one GPU with the same settings
+    one = recipe_row(recipe, parallel={})
+    assert e.total < one["estimate"].total and row["max_context"] > one["max_context"]
+    layout = parallelism_from_accelerate_config(config)
+    assert (e.num_gpus, e.sharding, e.sp_size, e.offload) == tuple(
+        layout[k] for k in ("num_gpus", "sharding", "sp_size", "offload")
+    )
+    text = open(recipe).read()
+    assert f"accelerate launch --config_file {config} -m pi_peft train --config {recipe}" in text
+    import yaml
+
+    r = yaml.safe_load(text)
+    assert r["bnb_4bit_quant_storage"] == r["dtype"] == "bfloat16"  # QLoRA under FSDP / ZeRO-3: one dtype to shard
+    if e.sp_size > 1:  # the model's attention is the one Ulysses wraps
+        sp_attn = yaml.safe_load(open(config))["parallelism_config"]["parallelism_config_sp_attn_implementation"]
+        assert r["attn_implementation"] == sp_attn and not r.get("s2_attn") and r["context_length"] % e.sp_size == 0
+    # the recipe's training arguments parse with pi-peft train's own parser (no key trl would reject)
+    from pi_peft.cli.train import parse_train_args
+
+    _, _, model_args, pi_args = parse_train_args(["--config", recipe, "--bf16", "false"])  # no bf16 GPU here
+    assert model_args.bnb_4bit_quant_storage == "bfloat16" and pi_args.context_length == context
+
+
+def test_explicit_flags_override_a_recipes_own_accelerate_config(capsys):
+    recipe = "recipes/llama2-13b-32k-fsdp2.yaml"
+    assert cli_main(["--recipes", recipe]) == 0
+    own = capsys.readouterr().out
+    assert "| GPUs |" in own and "2 x FSDP2" in own and "total (GiB) per GPU" in own
+    assert cli_main(["--recipes", recipe, "--num-gpus", "4", "--zero3"]) == 0
+    assert "4 x DeepSpeed ZeRO-3" in capsys.readouterr().out
+    assert cli_main(["--recipes", recipe, "--num-gpus", "1"]) == 0  # the same recipe on one GPU
+    one = capsys.readouterr().out
+    assert "| GPUs |" not in one and one.split("\n")[2].split(" | ")[-2] == _gib_cell(recipe_row(recipe, parallel={}))
+
+
+def _gib_cell(row) -> str:
+    return f"{row['estimate'].total / GIB:.2f}"
+
+
 def test_bad_accelerate_configs_are_named(tmp_path):
     path = tmp_path / "cfg.yaml"
     for text, message in (
