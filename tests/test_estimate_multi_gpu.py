@@ -429,3 +429,86 @@ if __name__ == "__main__" and sys.argv[1:] == ["--regenerate"]:
         about = "single-GPU outputs of pi_peft.training.estimate (tests/test_estimate_multi_gpu.py --regenerate)"
         f.write(json.dumps({**single_gpu_outputs(), "_about": about}, indent=1, sort_keys=True) + "\n")
     print(f"wrote {GOLDEN}")
+
+
+# ---- benchmarks/gpu_multi.py: the multi-GPU measurement script (not run here: no machine with 2 GPUs) -------------
+def _gpu_multi():
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
+    import gpu_multi
+
+    return gpu_multi
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_gpu_multi_without_two_gpus_exits_with_a_clear_message(count, monkeypatch, capsys, tmp_path):
+    import torch
+
+    gpu_multi = _gpu_multi()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    out = tmp_path / "gpu_multi.json"
+    assert gpu_multi.main(["--json-out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"needs a machine with at least 2 CUDA GPUs; torch.cuda.device_count() is {count} here" in err
+    assert not out.exists()  # nothing written without a measurement
+
+
+def test_gpu_multi_plans_the_users_commands_for_each_config(tmp_path):
+    """Each config's accelerate file loads with accelerate's loader and sets the layout it names; the worker's
+    `pi-peft train` options parse with pi-peft train's parser; the estimate beside it is estimate_memory's."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from pi_peft.cli.train import parse_train_args
+
+    gpu_multi = _gpu_multi()
+    args = gpu_multi.parse_args(["--context-length", "65536", "--load-in-4bit"])
+    config = dict(gpu_multi.GPU_BENCH_DIMS)
+    assert set(args.configs) == {"fsdp2", "cp_ring", "ulysses_fa2", "zero3", "ddp"}
+    for name in args.configs:
+        path, flags = gpu_multi.accelerate_config(name, 8, str(tmp_path))
+        cfg = load_config_from_file(path)
+        assert flags[:2] == ["--num_processes", "8"]
+        if name == "cp_ring":
+            assert cfg.distributed_type.value == "FSDP" and cfg.fsdp_config["fsdp_version"] == 2
+            assert cfg.parallelism_config == dict(parallelism_config_dp_shard_size=1, parallelism_config_cp_size=8,
+                                                  parallelism_config_cp_backend="torch")  # fmt: skip
+        if name == "ulysses_fa2":
+            assert flags[2:] == ["--parallelism_config_sp_size", "8"] and cfg.distributed_type.value == "DEEPSPEED"
+        argv = gpu_multi.train_argv(args, name, "some/model", "data.jsonl", str(tmp_path / "out"))
+        _, training_args, model_args, pi_args = parse_train_args(argv + ["--bf16", "false"])
+        assert (pi_args.context_length, training_args.max_steps, model_args.lora_r) == (65536, 5, 16)
+        assert model_args.bnb_4bit_quant_storage == "bfloat16" and model_args.attn_implementation == (
+            "flash_attention_2" if name == "ulysses_fa2" else "sdpa"
+        )
+        est = gpu_multi.estimate(name, config, args, 8)
+        sharding = gpu_multi.CONFIGS[name]["sharding"]
+        kw = dict(r=16, lora_dropout=0.0, train_embeddings=False, train_norms=False, tiled_mlp=True, num_gpus=8,
+                  sharding=sharding, attention=gpu_multi.CONFIGS[name]["attention"])  # fmt: skip
+        T = 65536 // 8 if name == "cp_ring" else 65536
+        direct = estimate_memory(config, T, sp_size=8 if name == "ulysses_fa2" else 1, **kw)
+        assert est["total"] == direct.total and est["without_cuda_overhead"] == direct.total - direct.overhead
+        assert (est["note"] is not None) == (name == "cp_ring")
+    # what cannot run is said, not swapped for something else
+    import importlib.util
+
+    no_fa2 = importlib.util.find_spec("flash_attn") is None
+    reason = gpu_multi.skip_reason("ulysses_fa2", 8, args, 16) or ""
+    assert ("flash-attn is not installed" in reason) == (no_fa2 and importlib.util.find_spec("deepspeed") is not None)
+    assert "3 GPUs must divide the context length 32768 and the 16 heads" in gpu_multi.skip_reason(
+        "cp_ring", 3, gpu_multi.parse_args([]), 16
+    )
+    assert gpu_multi.skip_reason("cp_ring", 3, gpu_multi.parse_args(["--context-length", "32769"]), 16)
+    assert gpu_multi.skip_reason("fsdp2", 3, gpu_multi.parse_args([]), 16) is None
+
+
+def test_gpu_multi_summary_is_the_peak_per_gpu_and_the_median_speed():
+    gpu_multi = _gpu_multi()
+
+    def steps(peak, times):  # allocated peaks rise by 1 per step: the last is the largest
+        return [dict(time=t, allocated=peak - 10 + k, reserved=peak + 100) for k, t in enumerate(times)]
+
+    result = dict(ranks=[dict(rank=1, steps=steps(500, [9.0, 2.0, 2.0, 2.2])),
+                         dict(rank=0, steps=steps(700, [8.0, 1.0, 3.0, 2.0]))])  # fmt: skip
+    s = gpu_multi.summarize(result, tokens_per_step=8192)
+    assert s["peak_allocated_per_gpu"] == [693, 493] and s["peak_reserved_per_gpu"] == [800, 600]
+    assert s["tokens_per_second"] == 8192 / 2.0  # rank 0's steps after the first: median of 1, 3, 2
