@@ -314,6 +314,21 @@ def s2_attention(
 
 
 # ---- the registered attention function ----------------------------------------------------------------------------
+def check_all_heads(module: torch.nn.Module, num_heads: int) -> None:
+    """S² decides shifted vs unshifted blocks by the *global* head index (heads `[H/2, H)` shifted). A query that holds
+    a slice of the heads (DeepSpeed Ulysses sequence parallelism gives each of N ranks H/N heads after its
+    all-to-all; tensor parallelism does the same) would put the shifted half on the wrong heads: refused."""
+    config = getattr(module, "config", None)
+    total = getattr(config, "num_attention_heads", None)
+    if isinstance(total, int) and num_heads < total and total % num_heads == 0:
+        raise ValueError(
+            f"S²-Attn got {num_heads} of this model's {total} query heads (a head slice: Ulysses sequence "
+            f"parallelism or tensor parallelism over {total // num_heads} ranks). S² shifts heads [{total // 2}, "
+            f"{total}) by their global index, so on a slice the shifted and unshifted halves would land on the wrong "
+            f"heads. Train without sequence/tensor parallelism (`sp_size=1`), or {_FIX}."
+        )
+
+
 def _full_attention(module, query, key, value, attention_mask, dropout, scaling, base, docs, **kwargs):
     """The model's normal (full causal) attention, for calls of an S² model outside training (e.g. `generate` while
     `model.training`): the 2D padding mask and packed documents become the 4D mask SDPA takes."""
@@ -397,6 +412,7 @@ def s2_attention_forward(
             raise ValueError(f"S²-Attn does not support attention with `{name}` (this model passes one); {_FIX}.")
     if not (kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)):
         raise ValueError(f"S²-Attn is for causal (decoder) attention; this attention is bidirectional. {_FIX}.")
+    check_all_heads(module, query.shape[1])
     group = s2_group_size(seq_len, s2_ratio)
     window = kwargs.get("sliding_window")
     if window is not None and group > window:

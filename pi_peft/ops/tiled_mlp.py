@@ -13,6 +13,16 @@ router). A tile's no-grad forward would record the router logits that `output_ro
 gradients wrong), and these blocks reshape the whole batch with `view` and scale their input in place
 (`router_jitter_noise`), which a tile of a batch cannot serve. `apply_tiled_mlp` raises, naming the block; the dense
 MLPs of such a model (e.g. Qwen3-MoE's `mlp_only_layers`, Llama 4's shared expert) can be tiled with `modules=`.
+
+Under DeepSpeed ZeRO-3 (parameters partitioned across ranks: each holds a `ds_id`), a parameter seen by the autograd
+function is its empty local shard, so its gradient cannot be returned through the function. There the parameters are
+not inputs of the function: each tile's recomputation runs `torch.autograd.backward`, so the gradients accumulate in
+`.grad` through ZeRO-3's own gather / reduce hooks, and the parameters are marked `ds_grad_is_ready` on the last tile
+only (DeepSpeed reduces a gradient once, when it is complete). Every rank must call the MLP's modules the same number
+of times (each call all-gathers the parameters), so the number of tiles is the maximum over the ranks of the
+partition group; a rank with a shorter sequence runs empty tiles. (This is the scheme of DeepSpeed's own TiledMLP.)
+Everywhere else (one process, DDP, FSDP2) the parameters stay inputs of the function, so a step's gradients are
+returned once, as DDP's reducer expects, and `torch.autograd.grad` sees them.
 """
 
 from __future__ import annotations
@@ -61,25 +71,31 @@ class TiledMLPFunction(torch.autograd.Function):
     """`forward_fn(x)` over tiles of `x`'s token axis (dim -2) under no grad; in backward each tile is recomputed with
     grad and its input and parameter gradients accumulated (exact). Only one tile's intermediates are ever alive.
 
+    `bounds` are the tiles' `(start, stop)` token ranges (some may be empty, see [`tile_bounds`]). The parameters
+    `params` are inputs of the function and their gradients are returned; `hook_params` (ZeRO-3 partitioned ones) are
+    not inputs: each tile's `torch.autograd.backward` accumulates their gradients in `.grad` through the parameters'
+    own hooks, with `ds_grad_is_ready` set on the last tile only (`params` is then one scalar leaf that needs grad,
+    so that the backward runs even when `x` needs none, and gets no gradient).
+
     The RNG state (dropout, e.g. LoRA's) and the autocast state of the forward are restored for the recomputation,
     as `torch.utils.checkpoint` does, so that the recomputed tiles are the ones the forward computed."""
 
     @staticmethod
-    def forward(ctx, forward_fn: Callable, tile_tokens: int, x: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, forward_fn: Callable, bounds: list, hook_params: tuple, x: torch.Tensor, *params: torch.Tensor):
         # x: (..., T, H_in) -> (..., T, H_out)
-        ctx.forward_fn, ctx.tile_tokens, ctx.params = forward_fn, tile_tokens, params
+        ctx.forward_fn, ctx.bounds, ctx.params, ctx.hook_params = forward_fn, bounds, params, hook_params
         ctx.autocast = _autocast_state(x.device.type)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         ctx.save_for_backward(x)
-        return _tiled_apply(forward_fn, x, tile_tokens)
+        return _tiled_apply(forward_fn, x, bounds)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         # grad_out: (..., T, H_out)
         (x,) = ctx.saved_tensors
-        params, tile = ctx.params, ctx.tile_tokens
-        x_needs_grad = ctx.needs_input_grad[2]
+        params, hook_params, bounds = ctx.params, ctx.hook_params, ctx.bounds
+        x_needs_grad = ctx.needs_input_grad[3]
         grad_x = torch.empty_like(x) if x_needs_grad else None  # (..., T, H_in)
         grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
         device_type, autocast_on, autocast_dtype = ctx.autocast
@@ -88,27 +104,67 @@ class TiledMLPFunction(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
-            for start in range(0, x.shape[-2], tile):
-                x_tile = x[..., start : start + tile, :].detach().requires_grad_(x_needs_grad)  # (..., t, H_in)
+            for i, (start, stop) in enumerate(bounds):
+                for p in hook_params:  # ZeRO-3: reduce a gradient once, after its last tile
+                    p.ds_grad_is_ready = i == len(bounds) - 1
+                x_tile = x[..., start:stop, :].detach().requires_grad_(x_needs_grad)  # (..., t, H_in)
                 with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
                     y_tile = ctx.forward_fn(x_tile)  # (..., t, H_out), with its own graph
-                inputs = ([x_tile] if x_needs_grad else []) + list(params)
-                grads = torch.autograd.grad(y_tile, inputs, grad_out[..., start : start + tile, :], allow_unused=True)
-                if x_needs_grad:
-                    grad_x[..., start : start + tile, :] = grads[0]
-                    grads = grads[1:]
-                for k, g in enumerate(grads):
-                    if g is not None:
-                        grad_params[k] = g if grad_params[k] is None else grad_params[k] + g
-                del y_tile, x_tile, grads
-        return (None, None, grad_x, *grad_params)
+                g_tile = grad_out[..., start:stop, :]
+                if hook_params:
+                    # the gradients of x_tile and of every parameter accumulate in `.grad` (the hooks see each tile)
+                    if y_tile.requires_grad:
+                        torch.autograd.backward(y_tile, g_tile)
+                    if x_needs_grad:
+                        grad_x[..., start:stop, :] = 0 if x_tile.grad is None else x_tile.grad
+                else:
+                    inputs = ([x_tile] if x_needs_grad else []) + list(params)
+                    grads = torch.autograd.grad(y_tile, inputs, g_tile, allow_unused=True)
+                    if x_needs_grad:
+                        grad_x[..., start:stop, :] = grads[0]
+                        grads = grads[1:]
+                    for k, g in enumerate(grads):
+                        if g is not None:
+                            grad_params[k] = g if grad_params[k] is None else grad_params[k] + g
+                    del grads
+                del y_tile, x_tile
+        if hook_params:
+            grad_params = [None] * len(params)  # the trigger's: the parameters' gradients are in `.grad`
+        return (None, None, None, grad_x, *grad_params)
 
 
-def _tiled_apply(forward_fn: Callable, x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
+def tile_bounds(seq_len: int, tile_tokens: int, n_tiles: Optional[int] = None) -> list[tuple[int, int]]:
+    """The `(start, stop)` token ranges of the tiles: `tile_tokens` each, the last one shorter. With `n_tiles` larger
+    than `ceil(seq_len / tile_tokens)` (the count agreed across ZeRO-3 ranks), the sequence is split into `n_tiles`
+    nearly equal tiles, empty ones at the end if `seq_len < n_tiles`."""
+    if n_tiles is None or n_tiles <= math.ceil(seq_len / tile_tokens):
+        return [(s, min(s + tile_tokens, seq_len)) for s in range(0, seq_len, tile_tokens)]
+    size = max(1, math.ceil(seq_len / n_tiles))
+    return [(min(i * size, seq_len), min((i + 1) * size, seq_len)) for i in range(n_tiles)]
+
+
+def zero3_params(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of `module` that DeepSpeed ZeRO-3 partitions (they carry a `ds_id`)."""
+    return [p for p in module.parameters() if hasattr(p, "ds_id")]
+
+
+def agreed_tile_count(n_tiles: int, device: torch.device, group=None) -> int:
+    """The largest `n_tiles` over the ranks of `group` (one all-reduce), so that every rank calls the MLP's modules
+    (and ZeRO-3 all-gathers their parameters) the same number of times; `n_tiles` itself without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return n_tiles
+    count = torch.tensor([n_tiles], dtype=torch.int64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    return int(count.item())
+
+
+def _tiled_apply(forward_fn: Callable, x: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
     # x: (..., T, H_in) -> (..., T, H_out), one tile at a time into a preallocated output
     out = None
-    for start in range(0, x.shape[-2], tile_tokens):
-        y = forward_fn(x[..., start : start + tile_tokens, :])  # (..., t, H_out)
+    for start, stop in bounds:
+        y = forward_fn(x[..., start:stop, :])  # (..., t, H_out)
         if not isinstance(y, torch.Tensor):
             raise TypeError(
                 f"`tiled_mlp` needs an MLP whose forward returns one tensor, got {type(y).__name__} from "
@@ -117,7 +173,7 @@ def _tiled_apply(forward_fn: Callable, x: torch.Tensor, tile_tokens: int) -> tor
             )
         if out is None:
             out = y.new_empty((*x.shape[:-1], y.shape[-1]))
-        out[..., start : start + tile_tokens, :] = y
+        out[..., start:stop, :] = y
     return out
 
 
@@ -127,13 +183,23 @@ def _tiled_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     if args or kwargs or x.dim() < 2:
         return forward_fn(x, *args, **kwargs)  # not the plain `mlp(hidden_states)` call: run it untiled
     tile = getattr(self, TILED_ATTR) or auto_tile_tokens(x.shape[-2], x.shape[-1])
-    if x.shape[-2] <= tile:
+    n_tiles = math.ceil(x.shape[-2] / tile)
+    partitioned = zero3_params(self)
+    if partitioned:  # ZeRO-3: the same number of module calls on every rank
+        n_tiles = agreed_tile_count(n_tiles, x.device, getattr(partitioned[0], "ds_process_group", None))
+    if n_tiles <= 1:
         return forward_fn(x)
+    bounds = tile_bounds(x.shape[-2], tile, n_tiles)
     if not torch.is_grad_enabled():
         with torch.no_grad():
-            return _tiled_apply(forward_fn, x, tile)
+            return _tiled_apply(forward_fn, x, bounds)
+    if partitioned:
+        hook_params = tuple(p for p in partitioned if p.requires_grad)
+        # a leaf that needs grad, so the output needs grad (and the backward runs) even when `x` does not
+        trigger = torch.zeros((), device=x.device, requires_grad=bool(hook_params))
+        return TiledMLPFunction.apply(forward_fn, bounds, hook_params, x, trigger)
     params = tuple(p for p in self.parameters() if p.requires_grad)
-    return TiledMLPFunction.apply(forward_fn, tile, x, *params)
+    return TiledMLPFunction.apply(forward_fn, bounds, (), x, *params)
 
 
 def is_moe_block(module: nn.Module) -> bool:
