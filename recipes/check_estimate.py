@@ -5,6 +5,7 @@ Check `pi-peft estimate` against measured peaks, and regenerate the estimate in 
 python recipes/check_estimate.py            # measured vs estimated: prints a markdown table
 python recipes/check_estimate.py --headers  # rewrite the "Estimated peak GPU memory" lines of recipes/*.yaml
                                             # (multi-GPU recipes: per GPU, under their accelerate config)
+python recipes/check_estimate.py --engines recipes/llama3-8b-112k.yaml  # one recipe under every accelerate config
 ```
 
 The check trains tiny Llama configs on CPU (fp32 LoRA steps, `pi_peft.training.measure.measure_cpu_peak`): the peak
@@ -17,7 +18,14 @@ import argparse
 import glob
 import os
 
-from pi_peft.training.estimate import GIB, engine_label, estimate_memory, is_multi_gpu, recipe_row
+from pi_peft.training.estimate import (
+    GIB,
+    engine_label,
+    estimate_memory,
+    is_multi_gpu,
+    parallelism_from_accelerate_config,
+    recipe_row,
+)
 from pi_peft.training.measure import measure_cpu_peak
 
 CONFIGS = {
@@ -96,11 +104,32 @@ def write_headers(paths: list[str]) -> None:
         print(f"{path}: {lines[at]}")
 
 
+def engines_table(recipe: str) -> str:
+    """A markdown table of `recipe` per GPU on one GPU and under every `recipes/accelerate/*.yaml` (GiB)."""
+    configs = sorted(glob.glob(os.path.join(HERE, "accelerate", "*.yaml")))
+    head = (
+        "| accelerate config | GPUs | weights | gathered | LoRA+optim | checkpoints | recomputed layer | all-to-all "
+    )
+    lines = [head + "| logits | total per GPU (GiB) | max context |", "|" + "---|" * 11]
+    for label, parallel in [("(none: one GPU)", {})] + [
+        (f"`accelerate/{os.path.basename(c)}`", parallelism_from_accelerate_config(c)) for c in configs
+    ]:
+        row = recipe_row(recipe, parallel=parallel)
+        e = row["estimate"]
+        sizes = (e.weights, e.gathered, e.trainable, e.checkpoints, e.layer, e.all_to_all, e.logits, e.total)
+        cells = [label, engine_label(e), *(f"{x / GIB:.2f}" for x in sizes), str(row["max_context"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
     p.add_argument("--headers", action="store_true", help="rewrite the estimate lines of recipes/*.yaml")
+    p.add_argument("--engines", metavar="RECIPE", help="print RECIPE's estimate under every recipes/accelerate config")
     args = p.parse_args(argv)
-    if args.headers:
+    if args.engines:
+        print(engines_table(args.engines))
+    elif args.headers:
         write_headers(sorted(glob.glob(os.path.join(HERE, "*.yaml"))))
     else:
         check()

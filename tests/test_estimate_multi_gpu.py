@@ -512,3 +512,13 @@ def test_gpu_multi_summary_is_the_peak_per_gpu_and_the_median_speed():
     s = gpu_multi.summarize(result, tokens_per_step=8192)
     assert s["peak_allocated_per_gpu"] == [693, 493] and s["peak_reserved_per_gpu"] == [800, 600]
     assert s["tokens_per_second"] == 8192 / 2.0  # rank 0's steps after the first: median of 1, 3, 2
+
+
+def test_recipes_readme_tables_are_the_commands_output(capsys):
+    """recipes/README.md's tables are what `pi-peft estimate --recipes recipes/*.yaml` (both tables) and
+    `python recipes/check_estimate.py --engines recipes/llama3-8b-112k.yaml` print now."""
+    readme = open("recipes/README.md").read()
+    assert cli_main(["--recipes", *sorted(glob.glob("recipes/*.yaml"))]) == 0
+    one, several = capsys.readouterr().out.strip().split("\n\n")
+    assert one in readme and several in readme and "| GPUs |" in several and "| GPUs |" not in one
+    assert _check_estimate_module().engines_table("recipes/llama3-8b-112k.yaml") in readme

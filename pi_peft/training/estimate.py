@@ -685,10 +685,15 @@ def recipe_row(path: str, gpu_gb: float = 24.0, parallel: Optional[dict[str, Any
 
 
 def recipes_table(paths: list[str], gpu_gb: float = 24.0, parallel: Optional[dict[str, Any]] = None) -> str:
-    """A markdown table of the estimates of recipe YAMLs (per GPU; the GPUs, gathered-weights and all-to-all columns
-    only when a row runs on more than one GPU)."""
+    """A markdown table of the estimates of recipe YAMLs; the multi-GPU ones (per GPU, with the GPUs, gathered-weights
+    and all-to-all columns) in a second table after the one-GPU ones."""
     rows = [recipe_row(path, gpu_gb, parallel) for path in paths]
-    multi = any(is_multi_gpu(row["estimate"]) for row in rows)
+    one = [row for row in rows if not is_multi_gpu(row["estimate"])]
+    several = [row for row in rows if is_multi_gpu(row["estimate"])]
+    return "\n\n".join(_table(group, multi) for group, multi in ((one, False), (several, True)) if group)
+
+
+def _table(rows: list[dict[str, Any]], multi: bool) -> str:
     names = ["recipe", "model", "context", *(["GPUs"] if multi else []), "weights", *(["gathered"] if multi else [])]
     names += ["LoRA+optim", "checkpoints", "recomputed layer", *(["all-to-all"] if multi else []), "logits"]
     names += ["overhead", "total (GiB)" + (" per GPU" if multi else ""), "max context"]
