@@ -40,9 +40,12 @@ More than one GPU (`num_gpus` N, `sharding`, `sp_size` S, `offload`): the same t
     FSDP2 (`"fsdp"`): weights / N + trainable / N (parameters, gradients and AdamW moments sharded, same bytes as one
                    GPU), + gathered = the root unit's unsharded weights (embeddings, head, final norm: FSDP2 keeps
                    the root gathered through the step) + 2 decoder layers' (the one computing and the one
-                   prefetched; their NF4 linears, norms and LoRA in `a` bytes).
+                   prefetched; their NF4 linears, norms and LoRA in `a` bytes). With NF4, `load_weights` = the
+                   whole 4-bit model: transformers loads a quantized model whole on every rank before FSDP2 shards
+                   it (its `cpu_ram_efficient_loading` path skips quantized models), so that must fit too (`fits`).
     ZeRO-3 (`"zero3"`): weights / N + P_train * (a + a + 12) / N (bf16 parameter and gradient partitions + the
-                   optimizer's fp32 master copy and two fp32 moments, ZeRO's 2 + 2 + 12 bytes/param), + gathered =
+                   optimizer's fp32 master copy and two fp32 moments, ZeRO's 2 + 2 + 12 bytes/param; 16 in fp32,
+                   without a master copy), + gathered =
                    max(embeddings, head, 2 decoder layers) (ZeRO-3 fetches module by module with a prefetch
                    bucket: an upper bound).
     `offload` (ZeRO-3 `offload_param` + `offload_optimizer` to CPU, as ALST's single-GPU recipe; FSDP2's
@@ -107,6 +110,16 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
         max_position_embeddings=4096,
         tie_word_embeddings=False,
     ),  # fmt: skip
+    "meta-llama/Llama-2-70b-hf": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    ),  # fmt: skip
     "meta-llama/Meta-Llama-3-8B": dict(
         hidden_size=4096,
         intermediate_size=14336,
@@ -154,6 +167,7 @@ class MemoryEstimate:
     gathered: int = 0  # unsharded weights in flight (FSDP2 / ZeRO-3)
     all_to_all: int = 0  # Ulysses' q/k/v re-partition buffers, alive with the recomputed layer
     offloaded: int = 0  # bytes per GPU that `offload` keeps in CPU memory (not in `total`)
+    load_weights: int = 0  # 4-bit + FSDP2: the whole 4-bit model on every GPU while it loads, before sharding
 
     @property
     def activations(self) -> int:
@@ -173,7 +187,9 @@ class MemoryEstimate:
         return self.weights + self.gathered + self.trainable + self.checkpoints + peak + self.overhead
 
     def fits(self, gpu_gb: float = 24.0) -> bool:
-        return self.total <= gpu_gb * GIB
+        """The training step's peak fits, and so does loading (`load_weights` + the CUDA term, 0 but for QLoRA
+        under FSDP2)."""
+        return max(self.total, self.load_weights + self.overhead) <= gpu_gb * GIB
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "activations": self.activations, "total": self.total,
@@ -400,15 +416,17 @@ def estimate_memory(
     lora_bytes = 2 if quantization == "nf4" else 4
     full_bytes = 2 if quantization == "nf4" else a
     trainable = 4 * (p_lora * lora_bytes + p_full * full_bytes)
-    gathered = offloaded = 0
+    gathered = offloaded = load_weights = 0
     if sharding == "none" and num_gpus > 1:  # DDP: + its gradient buckets, a second copy of the gradients
         trainable += p_lora * lora_bytes + p_full * full_bytes
     elif sharding != "none":
-        if sharding == "zero3":  # bf16 parameter + gradient, fp32 master + 2 moments
-            trainable = (p_lora + p_full) * (a + a + 12)
+        if sharding == "zero3":  # bf16 parameter + gradient, fp32 master + 2 moments (fp32 training: no master)
+            trainable = (p_lora + p_full) * (a + a + 12 if a < 4 else 16)
             gathered = max(V * h * a, 2 * layer_weights)  # the embeddings and head are V * h each
         else:  # FSDP2: the root unit (embeddings, head, final norm) stays gathered; 2 layers in flight
             gathered = (V * h * (1 if s["tied"] else 2) + h) * a + 2 * layer_weights
+            if quantization == "nf4":  # transformers skips cpu_ram_efficient_loading for quantized models
+                load_weights = weights
         weights, trainable = weights / num_gpus, trainable / num_gpus
         if offload:
             offloaded, weights, trainable = weights + trainable, 0, 0
@@ -479,6 +497,7 @@ def estimate_memory(
         gathered=int(gathered),
         all_to_all=int(all_to_all),
         offloaded=int(offloaded),
+        load_weights=int(load_weights),
     )
 
 
@@ -491,7 +510,7 @@ def max_context(model_config: Any, gpu_gb: float = 24.0, *, multiple_of: int = 2
     multiple_of = math.lcm(multiple_of, kwargs.get("sp_size", 1))  # every rank holds the same number of tokens
 
     def fits(k: int) -> bool:
-        return estimate_memory(model_config, k * multiple_of, **kwargs).total <= budget
+        return estimate_memory(model_config, k * multiple_of, **kwargs).fits(budget / GIB)
 
     if not fits(1):
         return 0
@@ -540,6 +559,10 @@ def parallel_assumptions(est: MemoryEstimate) -> list[str]:
         lines.append(f"ZeRO-3: weights and trainable state partitioned over {N} GPUs, 16 bytes per trainable param "
                      "(bf16 param + grad, fp32 master + 2 AdamW moments); gathered = max(embeddings, head, 2 "
                      "decoder layers) (module-by-module fetch with prefetch: an upper bound)")  # fmt: skip
+    if est.load_weights:
+        lines.append(f"loading: transformers loads a 4-bit model whole on every GPU before FSDP2 shards it "
+                     f"(cpu_ram_efficient_loading skips quantized models): {_gib(est.load_weights)} GiB + CUDA "
+                     "must fit too")  # fmt: skip
     if est.offload:
         lines.append(f"offload: the shards and the optimizer ({_gib(est.offloaded)} GiB per GPU) live in CPU memory; "
                      "the GPU holds the gathered weights only")  # fmt: skip
@@ -585,6 +608,8 @@ def format_estimate(est: MemoryEstimate, gpu_gb: float = 24.0, largest: Optional
     lines += [f"  {name:<58} {_gib(value):>8} GiB" for name, value in rows]
     verdict = "fits" if est.fits(gpu_gb) else "does NOT fit"
     lines.append(f"  -> {verdict} in {gpu_gb:g} GiB" + (" per GPU" if multi else ""))
+    if est.load_weights + est.overhead > gpu_gb * GIB:
+        lines[-1] += f" (loading: the whole 4-bit model + CUDA, {_gib(est.load_weights + est.overhead)} GiB)"
     if largest is not None:
         lines.append(f"  largest context that fits in {gpu_gb:g} GiB" + (" per GPU" if multi else "")
                      + f": {largest} tokens")  # fmt: skip
