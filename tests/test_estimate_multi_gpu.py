@@ -434,6 +434,17 @@ def _gib_cell(row) -> str:
     return f"{row['estimate'].total / GIB:.2f}"
 
 
+def test_a_recipe_whose_accelerate_config_is_missing_is_named(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    text = open("recipes/llama3-8b-256k-sp8.yaml").read().replace("ulysses-zero3.yaml", "nope.yaml")
+    recipe.write_text(text)
+    with pytest.raises(ValueError, match=r"is launched with `accelerate launch --config_file recipes/accelerate/nope"
+                       r".yaml` \(its header\), and .* is neither in the working directory nor at"):  # fmt: skip
+        recipe_row(str(recipe))
+    assert cli_main(["--recipes", str(recipe), "--accelerate-config", "recipes/accelerate/zero3.yaml"]) == 0
+    assert "2 x DeepSpeed ZeRO-3" in capsys.readouterr().out  # an explicit config needs no header lookup
+
+
 def test_bad_accelerate_configs_are_named(tmp_path):
     path = tmp_path / "cfg.yaml"
     for text, message in (

@@ -670,7 +670,12 @@ def recipe_accelerate_config(path: str) -> Optional[str]:
         raise ValueError(f"recipe {path!r} names several accelerate configs in its header: {sorted(set(found))}.")
     cfg = found[0]
     beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), cfg)
-    return cfg if os.path.isfile(cfg) or not os.path.isfile(beside) else beside
+    if not os.path.isfile(cfg) and not os.path.isfile(beside):
+        raise ValueError(
+            f"recipe {path!r} is launched with `accelerate launch --config_file {cfg}` (its header), and {cfg!r} is "
+            f"neither in the working directory nor at {beside!r}; run from the repo or pass `--accelerate-config`."
+        )
+    return cfg if os.path.isfile(cfg) else beside
 
 
 def recipe_row(path: str, gpu_gb: float = 24.0, parallel: Optional[dict[str, Any]] = None) -> dict[str, Any]:
