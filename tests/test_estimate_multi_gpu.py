@@ -113,14 +113,16 @@ def test_fsdp_and_zero3_shard_weights_and_trainable_state_ddp_copies_them():
     assert estimate_memory(LLAMA2_13B, 32768, num_gpus=8, sharding="fsdp").weights < fsdp.weights * 2
 
 
-def test_qlora_under_fsdp2_must_also_fit_while_loading():
-    """transformers loads a quantized model whole on every rank (its FSDP rank-0 loading skips quantized models), so
-    the whole 4-bit model must fit each GPU once before FSDP2 shards it: a 70B in 4 bit does not load on 24 GB."""
+def test_qlora_under_fsdp2_or_zero3_must_also_fit_while_loading():
+    """transformers loads a quantized model whole on every rank (its FSDP rank-0 loading and ZeRO-3 zero.Init skip
+    quantized models), so the whole 4-bit model must fit each GPU once before the engine shards it: a 70B in 4 bit
+    does not load on 24 GB."""
     one = estimate_memory(LLAMA2_13B, 32768, tiled_mlp=True, activation_offloading=True)
     fsdp = estimate_memory(LLAMA2_13B, 32768, num_gpus=2, sharding="fsdp", tiled_mlp=True, activation_offloading=True)
     assert fsdp.load_weights == one.weights and fsdp.fits(24) and one.load_weights == 0
     assert estimate_memory(LLAMA2_13B, 32768, num_gpus=2, sharding="fsdp", quantization="none").load_weights == 0
-    assert estimate_memory(LLAMA2_13B, 32768, num_gpus=2, sharding="zero3").load_weights == 0
+    assert estimate_memory(LLAMA2_13B, 32768, num_gpus=2, sharding="zero3").load_weights == one.weights
+    assert estimate_memory(LLAMA2_13B, 32768, num_gpus=2).load_weights == 0  # DDP: the weights stay whole anyway
     llama2_70b = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                       num_key_value_heads=8, vocab_size=32000)  # fmt: skip
     kw = dict(num_gpus=2, sharding="fsdp", tiled_mlp=True, activation_offloading=True)
@@ -128,7 +130,7 @@ def test_qlora_under_fsdp2_must_also_fit_while_loading():
     assert e.total < 24 * GIB < e.load_weights and not e.fits(24)  # the step would fit, the loading does not
     assert max_context(llama2_70b, 24, **kw) == 0 and max_context(llama2_70b, 48, **kw) > 0
     text = format_estimate(e)
-    assert "loading: transformers loads a 4-bit model whole on every GPU" in text
+    assert "loading: transformers loads a 4-bit model whole on every GPU before FSDP2 shards it" in text
     assert "-> does NOT fit in 24 GiB per GPU (loading: the whole 4-bit model + CUDA, 34.87 GiB)" in text
     assert estimate_memory("meta-llama/Llama-2-70b-hf", 1024, **kw).load_weights == e.load_weights  # known config
     # fp32 training under ZeRO-3: parameter + gradient + 2 moments, no master copy

@@ -40,14 +40,15 @@ More than one GPU (`num_gpus` N, `sharding`, `sp_size` S, `offload`): the same t
     FSDP2 (`"fsdp"`): weights / N + trainable / N (parameters, gradients and AdamW moments sharded, same bytes as one
                    GPU), + gathered = the root unit's unsharded weights (embeddings, head, final norm: FSDP2 keeps
                    the root gathered through the step) + 2 decoder layers' (the one computing and the one
-                   prefetched; their NF4 linears, norms and LoRA in `a` bytes). With NF4, `load_weights` = the
-                   whole 4-bit model: transformers loads a quantized model whole on every rank before FSDP2 shards
-                   it (its `cpu_ram_efficient_loading` path skips quantized models), so that must fit too (`fits`).
+                   prefetched; their NF4 linears, norms and LoRA in `a` bytes).
     ZeRO-3 (`"zero3"`): weights / N + P_train * (a + a + 12) / N (bf16 parameter and gradient partitions + the
                    optimizer's fp32 master copy and two fp32 moments, ZeRO's 2 + 2 + 12 bytes/param; 16 in fp32,
                    without a master copy), + gathered =
                    max(embeddings, head, 2 decoder layers) (ZeRO-3 fetches module by module with a prefetch
                    bucket: an upper bound).
+    QLoRA (NF4) under FSDP2 or ZeRO-3: `load_weights` = the whole 4-bit model, which transformers loads on every
+                   rank before the engine shards it (its FSDP rank-0 loading and its ZeRO-3 `zero.Init` both skip
+                   quantized models), so that must fit too (`fits`, `max_context`).
     `offload` (ZeRO-3 `offload_param` + `offload_optimizer` to CPU, as ALST's single-GPU recipe; FSDP2's
                    CPUOffloadPolicy): the sharded weights and the trainable state live in CPU memory (`offloaded`,
                    per GPU); the GPU holds the gathered weights only.
@@ -167,7 +168,7 @@ class MemoryEstimate:
     gathered: int = 0  # unsharded weights in flight (FSDP2 / ZeRO-3)
     all_to_all: int = 0  # Ulysses' q/k/v re-partition buffers, alive with the recomputed layer
     offloaded: int = 0  # bytes per GPU that `offload` keeps in CPU memory (not in `total`)
-    load_weights: int = 0  # 4-bit + FSDP2: the whole 4-bit model on every GPU while it loads, before sharding
+    load_weights: int = 0  # 4-bit + FSDP2 / ZeRO-3: the whole 4-bit model on every GPU while it loads
 
     @property
     def activations(self) -> int:
@@ -188,7 +189,7 @@ class MemoryEstimate:
 
     def fits(self, gpu_gb: float = 24.0) -> bool:
         """The training step's peak fits, and so does loading (`load_weights` + the CUDA term, 0 but for QLoRA
-        under FSDP2)."""
+        under FSDP2 / ZeRO-3)."""
         return max(self.total, self.load_weights + self.overhead) <= gpu_gb * GIB
 
     def as_dict(self) -> dict[str, Any]:
@@ -425,8 +426,8 @@ def estimate_memory(
             gathered = max(V * h * a, 2 * layer_weights)  # the embeddings and head are V * h each
         else:  # FSDP2: the root unit (embeddings, head, final norm) stays gathered; 2 layers in flight
             gathered = (V * h * (1 if s["tied"] else 2) + h) * a + 2 * layer_weights
-            if quantization == "nf4":  # transformers skips cpu_ram_efficient_loading for quantized models
-                load_weights = weights
+        if quantization == "nf4":  # transformers skips rank-0 loading (FSDP) and zero.Init (ZeRO-3) when quantized
+            load_weights = weights
         weights, trainable = weights / num_gpus, trainable / num_gpus
         if offload:
             offloaded, weights, trainable = weights + trainable, 0, 0
@@ -560,9 +561,9 @@ def parallel_assumptions(est: MemoryEstimate) -> list[str]:
                      "(bf16 param + grad, fp32 master + 2 AdamW moments); gathered = max(embeddings, head, 2 "
                      "decoder layers) (module-by-module fetch with prefetch: an upper bound)")  # fmt: skip
     if est.load_weights:
-        lines.append(f"loading: transformers loads a 4-bit model whole on every GPU before FSDP2 shards it "
-                     f"(cpu_ram_efficient_loading skips quantized models): {_gib(est.load_weights)} GiB + CUDA "
-                     "must fit too")  # fmt: skip
+        lines.append(f"loading: transformers loads a 4-bit model whole on every GPU before {ENGINES[est.sharding]} "
+                     f"shards it (FSDP's rank-0 loading and ZeRO-3's zero.Init skip quantized models): "
+                     f"{_gib(est.load_weights)} GiB + CUDA must fit too")  # fmt: skip
     if est.offload:
         lines.append(f"offload: the shards and the optimizer ({_gib(est.offloaded)} GiB per GPU) live in CPU memory; "
                      "the GPU holds the gathered weights only")  # fmt: skip
