@@ -129,7 +129,14 @@ def load_pi_model(model_path: str, qlora: bool):
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **kwargs)
     fix_bnb_cpu_repack(base)
     config = PIConfig(
-        context_length=128, r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False
+        context_length=128,
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        init_lora_weights=False,
+        train_embeddings=True,  # LongLoRA, as `pi-peft train`
+        train_norms=True,
     )
     model = get_peft_model(base, config)
     set_trainable(model)
@@ -148,6 +155,7 @@ def fsdp2(model_path: str, batch_path: str, out_dir: str, qlora: bool) -> None:
     if world > 1:
         dist.init_process_group("gloo")
     model = load_pi_model(model_path, qlora)
+    bnb = sys.modules.get("bitsandbytes")
     model.train()
     rows = load_file(batch_path)["input_ids"]
     assert rows.shape[0] % world == 0, f"{rows.shape[0]} rows do not split over {world} ranks"
@@ -191,7 +199,7 @@ def fsdp2(model_path: str, batch_path: str, out_dir: str, qlora: bool) -> None:
             "local_rows": mine.tolist(),
             "loss": global_loss.item(),
             "rope_factor": model.config.rope_parameters.get("factor"),
-            "4bit": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
+            "4bit": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) if bnb else 0,
         },
         tensors={"grads": grads, "logits": {"logits": logits}},
     )
