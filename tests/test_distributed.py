@@ -301,17 +301,15 @@ def test_fsdp2_qlora_two_processes_equal_one_process(dist_assets, tmp_path):
     two, one, errors = _fsdp2(dist_assets, tmp_path, "--qlora")
     assert two[0]["4bit"] == one[0]["4bit"] == 14  # 7 linear layers x 2 decoder layers in NF4
     _report("FSDP2 QLoRA", two, one, errors)
-    from dist_workers.ddp_fsdp import LOGIT_IDS
+    from dist_workers.ddp_fsdp import LOGIT_IDS, qlora_config
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from pi_peft.ops.bnb import fix_bnb_cpu_repack
 
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32
-    )
+    quant = qlora_config()
     base = AutoModelForCausalLM.from_pretrained(dist_assets.model, quantization_config=quant, device_map="cpu")
-    fix_bnb_cpu_repack(base)
+    fix_bnb_cpu_repack(base)  # the training-safe 4-bit kernel, as in the worker
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter2")).eval()
     assert loaded.config.rope_parameters["factor"] == 2.0
     with torch.no_grad():

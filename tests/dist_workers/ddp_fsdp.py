@@ -108,24 +108,28 @@ def train(argv: list[str]) -> None:
     )
 
 
+def qlora_config():
+    """NF4 4-bit with fp32 compute and fp32 storage (FSDP-QLoRA: the storage dtype is the compute dtype)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=torch.float32,
+    )
+
+
 def load_pi_model(model_path: str, qlora: bool):
     """The tiny Llama in fp32 (4-bit NF4 with fp32 storage and compute for `qlora`) + a PI adapter (LoRA on all
     linear layers, LongLoRA's trainable embeddings and norms), trainable weights set by :func:`set_trainable`."""
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from pi_peft.ops.bnb import fix_bnb_cpu_repack
     from pi_peft.tuners.pi.config import PIConfig
 
-    kwargs = {}
-    if qlora:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.float32,
-            bnb_4bit_quant_storage=torch.float32,  # FSDP-QLoRA: storage dtype = compute dtype
-        )
-        kwargs["device_map"] = {"": "cpu"}
+    kwargs = {"quantization_config": qlora_config(), "device_map": {"": "cpu"}} if qlora else {}
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **kwargs)
     fix_bnb_cpu_repack(base)
     config = PIConfig(
