@@ -33,9 +33,10 @@ What follows from that, and is checked by [`check_sequence_parallel`]:
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
+
+from .distributed import deepspeed_config, world_size, zero_stage
 
 SP_ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3")
 """Core attention implementations Ulysses wraps (besides hub FlashAttention kernels, `org/flash-attn...`)."""
@@ -67,25 +68,6 @@ def sp_settings(training_args: Any = None) -> dict:
         "sp_backend": env.get("PARALLELISM_CONFIG_SP_BACKEND", "deepspeed"),
         "sp_attn_implementation": env.get("PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION"),
     }
-
-
-def deepspeed_zero_stage(training_args: Any = None) -> Optional[int]:
-    """The ZeRO stage of a run's DeepSpeed config: `training_args.deepspeed` (a dict or a JSON file), else accelerate's
-    DeepSpeed launch (`ACCELERATE_DEEPSPEED_CONFIG_FILE` / `ACCELERATE_DEEPSPEED_ZERO_STAGE`); `None` without
-    DeepSpeed. A stage of `"auto"` reads as 3 only if the config says so; otherwise it is returned as 0."""
-    config = getattr(training_args, "deepspeed", None)
-    if config is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-        if not config:
-            stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-            return int(stage) if stage and stage.isdigit() else 0
-    if config is None:
-        return None
-    if isinstance(config, str):
-        with open(config, encoding="utf-8") as f:
-            config = json.load(f)
-    stage = (config.get("zero_optimization") or {}).get("stage", 0)
-    return int(stage) if isinstance(stage, int) or str(stage).isdigit() else 0
 
 
 def check_sequence_parallel(
@@ -216,14 +198,14 @@ def check_training_sequence_parallel(
     attn_implementation: Optional[str] = None,
 ) -> int:
     """[`check_sequence_parallel`] for a `pi-peft train` run, its settings read from `training_args` (trl's
-    `SFTConfig`), the environment (accelerate's launch), the model's config and `attn_implementation` (the one the
+    `SFTConfig`), the environment (accelerate's launch; the DeepSpeed config as `distributed.deepspeed_config`
+    reads it), the model's config and `attn_implementation` (the one the
     model is loaded with; `None`: transformers' default, `sdpa`); returns `sp_size` (1: none)."""
     sp = sp_settings(training_args)
     if sp["sp_size"] == 1:
         return 1
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     attn = attn_implementation
-    world = os.environ.get("WORLD_SIZE")
     check_sequence_parallel(
         sp["sp_size"],
         num_attention_heads=text.num_attention_heads,
@@ -231,12 +213,12 @@ def check_training_sequence_parallel(
         max_length=getattr(training_args, "max_length", None),
         data_mode=data_mode,
         pad_to_multiple_of=getattr(training_args, "pad_to_multiple_of", None),
-        zero_stage=deepspeed_zero_stage(training_args),
+        zero_stage=zero_stage(deepspeed_config(training_args)),
         sp_backend=sp["sp_backend"],
         sp_attn_implementation=sp["sp_attn_implementation"],
         attn_implementation=attn,
         s2_attn=bool(getattr(peft_config, "s2_attn", False)),
         packing=bool(getattr(training_args, "packing", False)),
-        world_size=int(world) if world and world.isdigit() else None,
+        world_size=world_size(),
     )
     return sp["sp_size"]

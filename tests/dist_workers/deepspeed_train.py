@@ -1,0 +1,124 @@
+"""`torchrun --nproc_per_node 2 tests/dist_workers/deepspeed_train.py RECORD_DIR -- <pi-peft train options>`: the
+product path (`pi_peft.training.sft.main` with `--deepspeed ds.json`, and Ulysses SP when the environment sets
+`ACCELERATE_USE_PARALLELISM_CONFIG` / `PARALLELISM_CONFIG_SP_*`), with DeepSpeed's engine instrumented to record, for
+every step and rank: the batch the engine got, the loss it backpropagated, the partitioning of the trainable
+parameters and their full (gathered) values and gradients before the optimizer step. `RECORD_DIR/rank{r}.pt` is
+compared with one process by tests/test_distributed_deepspeed.py.
+
+One shim, for DeepSpeed on CPU only: accelerate's backend is set to gloo (see `gloo_for_deepspeed_on_cpu`).
+
+Test-only knobs, by environment: `PI_TEST_LORA_B_NONZERO=1` makes the adapter start with nonzero LoRA B
+(`init_lora_weights=False`), so that the first step's LoRA A gradients are not zero;
+`PI_TEST_TILED_MLP_NO_ZERO3_PATH=1`
+runs the tiled MLP's one-process path under ZeRO-3 (a negative control: it must fail).
+"""
+
+import os
+import sys
+
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def main() -> None:
+    record_dir, argv = sys.argv[1], sys.argv[sys.argv.index("--") + 1 :]
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    # DeepSpeed's CPU backend would first JIT-compile its shared-memory all-reduce (a C++ build of many minutes on a
+    # shared 2-core machine; two ranks wait on one file lock, forever if a killed run left it): a speed-up only.
+    # Without it the collectives are gloo's, the same values.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # accelerate's PartialState picks no backend for DeepSpeed without a GPU (`_prepare_backend` only knows GPU ones
+    # unless `cpu=True`, and transformers passes no `ddp_backend` with `deepspeed`): it then counts 1 process
+    # while DeepSpeed's process group has 2, so both ranks are "main", get the same batches and save alike
+    # (pi_peft's check_engine refuses that). On a GPU the backend is nccl; here it is gloo, nothing else changes.
+    from accelerate.state import PartialState
+    from deepspeed.utils import safe_get_full_grad
+
+    prepare_backend = PartialState._prepare_backend
+
+    def gloo_for_deepspeed_on_cpu(self, cpu=False, sagemaker_dp=False, backend=None):
+        found, distributed_type = prepare_backend(self, cpu, sagemaker_dp, backend)
+        if found is None and not cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            found = "gloo"
+        return found, distributed_type
+
+    PartialState._prepare_backend = gloo_for_deepspeed_on_cpu
+
+    import pi_peft.training.sft as sft
+    from pi_peft.cli.train import parse_train_args
+
+    if os.environ.get("PI_TEST_LORA_B_NONZERO") == "1":
+        make_pi_config = sft.make_pi_config
+
+        def nonzero_b(*args, **kwargs):
+            config = make_pi_config(*args, **kwargs)
+            config.init_lora_weights = False
+            return config
+
+        sft.make_pi_config = nonzero_b
+
+    # the tiled MLP's ZeRO-3 path: the tile count each MLP call agreed on with the other ranks
+    import pi_peft.ops.tiled_mlp as tiled_mlp
+
+    agreed: list[int] = []
+    agreed_tile_count = tiled_mlp.agreed_tile_count
+
+    def recorded_tile_count(*args, **kwargs):
+        agreed.append(agreed_tile_count(*args, **kwargs))
+        return agreed[-1]
+
+    tiled_mlp.agreed_tile_count = recorded_tile_count
+    if os.environ.get("PI_TEST_TILED_MLP_NO_ZERO3_PATH") == "1":  # negative control: the one-process path
+        tiled_mlp.zero3_params = lambda module: []
+
+    steps: list[dict] = []
+    orig_forward, orig_backward, orig_step = DeepSpeedEngine.forward, DeepSpeedEngine.backward, DeepSpeedEngine.step
+
+    def forward(self, *args, **kwargs):
+        if self.module.training:
+            keep = ("input_ids", "position_ids", "labels", "shift_labels", "attention_mask")
+            steps.append({"inputs": {k: v.detach().clone() for k, v in kwargs.items() if k in keep and v is not None}})
+        return orig_forward(self, *args, **kwargs)
+
+    def backward(self, loss, *args, **kwargs):
+        steps[-1]["loss"] = loss.detach().clone()
+        return orig_backward(self, loss, *args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        record = steps[-1]
+        record["zero_stage"] = self.zero_optimization_stage()
+        record["world_size"] = torch.distributed.get_world_size()
+        trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        record["partition"] = {
+            n: (
+                getattr(p, "ds_numel", None),
+                p.numel(),
+                int(getattr(p, "ds_tensor", p).numel()),
+                str(getattr(p, "ds_status", None)),
+            )
+            for n, p in trainable
+        }
+        record["grads"] = {n: safe_get_full_grad(p).detach().clone() for n, p in trainable}
+        with deepspeed.zero.GatheredParameters([p for _, p in trainable]):
+            record["params"] = {n: p.detach().clone() for n, p in trainable}
+        rotary = [m for n, m in self.module.named_modules() if n.endswith("rotary_emb")]
+        record["inv_freq"] = rotary[0].inv_freq.detach().clone() if rotary else None
+        return orig_step(self, *args, **kwargs)
+
+    DeepSpeedEngine.forward, DeepSpeedEngine.backward, DeepSpeedEngine.step = forward, backward, step
+
+    trainer = sft.main(*parse_train_args(argv))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", 0))
+    os.makedirs(record_dir, exist_ok=True)
+    meta = {"sp_size": trainer.accelerator.parallelism_config.sp_size if trainer.accelerator.parallelism_config else 1}
+    torch.save({"steps": steps, "agreed_tiles": agreed, **meta}, os.path.join(record_dir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()
