@@ -527,6 +527,14 @@ def main(
     if mode == "pretrain":
         training_args.packing = False  # already packed into exact windows
 
+    # Ulysses sequence parallelism (`parallelism_config` or accelerate's PARALLELISM_CONFIG_* environment): refused
+    # before the model loads where it would be wrong (heads, lengths, ZeRO stage, attention, S²-Attn, packing)
+    from .memory import attn_implementation
+    from .sequence_parallel import check_training_sequence_parallel
+
+    attn = model_args.attn_implementation or attn_implementation("cpu" if on_cpu_device(training_args) else "cuda")
+    check_training_sequence_parallel(training_args, base_config, peft_config, mode, attn)
+
     # Model (4-bit NF4 when asked) and trainer; SFTTrainer applies the PIConfig and its fused chunked loss
     from .memory import offloading_for_device
 
