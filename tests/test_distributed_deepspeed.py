@@ -377,3 +377,16 @@ def test_ulysses_sp_with_zero3_equals_one_process(ds_assets):
     print(f"worst relative gradient error over {len(ranks[0]['steps'])} steps: {worst:.2e}")
     _assert_trained(ranks, tiles=64 // 16)  # each rank tiles its half of the row
     _check_saved_adapter(out, ranks)
+
+
+@pytest.mark.slow
+def test_pi_peft_train_refuses_s2_and_zero2_under_sequence_parallelism(ds_assets, tmp_path):
+    """Before any step, on both ranks: S²-Attn under Ulysses, and Ulysses on ZeRO-2 (DeepSpeed #5248: loss and
+    gradients x sp_size) set through accelerate's environment."""
+    log = _launch(ds_assets, "sp-s2", SP_ENV.items(), "--s2_attn", "true", expect_failure=True)
+    assert "`s2_attn=True` with `sp_size`=2" in log and "'loss'" not in log
+    zero2 = tmp_path / "z2.json"
+    zero2.write_text(json.dumps({**ZERO3, "zero_optimization": {"stage": 2}}))
+    log = _launch(SimpleNamespace(**{**vars(ds_assets), "z3": str(zero2)}), "sp-zero2", SP_ENV.items(),
+                  expect_failure=True)  # fmt: skip
+    assert "DeepSpeed ZeRO stage 2 with `sp_size`=2" in log and "#5248" in log and "'loss'" not in log
