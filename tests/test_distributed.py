@@ -85,11 +85,10 @@ def test_pi_peft_train_refuses_a_cpu_torchrun_launch_before_loading(monkeypatch,
 # ---- check_launch: engine settings that would lose something ----------------------------------------------------
 
 
-def test_deepspeed_with_use_cpu_is_refused(monkeypatch):
-    with pytest.raises(ValueError, match=r"DeepSpeed was asked for .* with `use_cpu`=True: .* ignores the DeepSpeed"):
-        check_launch(_args(use_cpu=True, deepspeed=ZERO3), env=TORCHRUN_CPU, cuda_available=False)
-    with pytest.raises(ValueError, match=r"with ACCELERATE_USE_CPU=true"):
-        check_launch(_args(deepspeed=ZERO3), env={**TORCHRUN_CPU, "ACCELERATE_USE_CPU": "1"}, cuda_available=False)
+def test_deepspeed_on_cpu_is_not_refused_by_check_launch():
+    # `Trainer(deepspeed=..., use_cpu=True)` under a 2-process torchrun builds DistributedType.DEEPSPEED (tried with
+    # transformers 5.2x, accelerate 1.15, deepspeed 0.19); an engine other than DeepSpeed is refused by check_engine
+    check_launch(_args(use_cpu=True, deepspeed=ZERO3), env=TORCHRUN_CPU, cuda_available=False)
     check_launch(_args(deepspeed=ZERO3), env=TORCHRUN_CPU, cuda_available=False)  # DeepSpeed's own CPU accelerator
 
 
@@ -110,6 +109,11 @@ def test_zero3_without_16bit_weights_on_save_is_refused(tmp_path):
     check_launch(_args(), env={**env, "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}, cuda_available=True)
     check_launch(_args(deepspeed=ZERO3), env=TORCHRUN_CPU, cuda_available=True)
     check_launch(_args(deepspeed={"zero_optimization": {"stage": 2}}), env=TORCHRUN_CPU, cuda_available=True)
+    auto = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": "auto"}}
+    with pytest.raises(ValueError, match=r"=\'auto\': the final adapter"):
+        check_launch(_args(deepspeed=auto), env=TORCHRUN_CPU, cuda_available=True)
+    save16 = {**TORCHRUN_CPU, "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}
+    check_launch(_args(deepspeed=auto), env=save16, cuda_available=True)
 
 
 def test_unreadable_deepspeed_config_is_a_clear_error(tmp_path):

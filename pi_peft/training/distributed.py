@@ -5,9 +5,11 @@ Three points of a run, each a clear error naming what it got and the fix:
 - :func:`check_launch` (before the model loads; a pure function of the environment and the arguments): the launch
   would not be distributed although several processes were asked for (`torchrun` on CPU without `use_cpu`, the
   one-process `accelerate launch --cpu --num_processes N`), or an engine setting that silently loses something
-  (DeepSpeed with `use_cpu`, ZeRO-3 without 16-bit weights on save, 4-bit + FSDP with a quant storage dtype other
-  than the compute dtype, Ulysses sequence parallelism with ZeRO-1/2).
-- :func:`check_engine` (after the trainer is built): the engine accelerate built is the one asked for.
+  (ZeRO-3 without 16-bit weights on save, 4-bit + FSDP with a quant storage dtype other than the compute dtype,
+  Ulysses sequence parallelism with ZeRO-1/2).
+- :func:`check_engine` (after the trainer is built): the engine accelerate built is the one asked for (FSDP asked
+  for on CPU builds DDP; DeepSpeed asked for but another engine built). `Trainer(deepspeed=..., use_cpu=True)` under
+  torchrun does build DeepSpeed (gloo process group, DeepSpeed's CPU accelerator), so `use_cpu` is no refusal.
 - :func:`check_rope_across_ranks` (before the first step): every rank holds the same RoPE frequencies (PI applied on
   every rank, or on none).
 """
@@ -131,14 +133,6 @@ def check_launch(
 
     if size == 1 and "WORLD_SIZE" not in env and "ACCELERATE_DYNAMO_BACKEND" in env and env.get("MASTER_ADDR"):
         raise RuntimeError(ONE_PROCESS_LAUNCH.format(addr=env["MASTER_ADDR"]))
-    if ds is not None and cpu:
-        how = "`use_cpu`=True" if getattr(training_args, "use_cpu", False) else "ACCELERATE_USE_CPU=true"
-        raise ValueError(
-            f"DeepSpeed was asked for (`deepspeed`={getattr(training_args, 'deepspeed', None)!r}) with {how}: "
-            "transformers then builds accelerate's CPU engine (DDP over gloo) and ignores the DeepSpeed config. "
-            "Drop `use_cpu` and unset ACCELERATE_USE_CPU (DeepSpeed trains on CPU through its own CPU accelerator), "
-            "or drop `deepspeed`."
-        )
     if size > 1 and not cuda and not cpu and ds is None:
         raise RuntimeError(
             f"WORLD_SIZE={size} but there is no GPU and neither `use_cpu` nor ACCELERATE_USE_CPU=true is set: "
@@ -149,6 +143,8 @@ def check_launch(
     if stage == 3:
         zero = ds.get("zero_optimization") or {}
         gather = zero.get("stage3_gather_16bit_weights_on_model_save")
+        if gather == "auto" and _flag(env, "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"):
+            gather = True  # accelerate fills "auto" from its config's `zero3_save_16bit_model`
         if gather is not True:
             source = ds.get("_from") or f"`deepspeed`={getattr(training_args, 'deepspeed', None)!r}"
             raise ValueError(
@@ -201,8 +197,8 @@ def check_engine(trainer, env: Optional[Mapping[str, str]] = None) -> None:
     if ds and built != DistributedType.DEEPSPEED:
         raise RuntimeError(
             f"DeepSpeed was asked for (`deepspeed`={getattr(trainer.args, 'deepspeed', None)!r}) but accelerate "
-            f"built {built}. Launch with `accelerate launch`/`torchrun` without `use_cpu` and ACCELERATE_USE_CPU, "
-            "with deepspeed installed (`pip install 'pi-peft[distributed]'`)."
+            f"built {built}. Launch with `torchrun` or `accelerate launch --use_deepspeed` (not `--cpu`), with "
+            "deepspeed installed (`pip install 'pi-peft[distributed]'`)."
         )
 
 
