@@ -368,3 +368,33 @@ def test_pi_on_one_rank_only_is_refused_on_every_rank(dist_assets, tmp_path):
     for result in results:
         assert result["error"] is not None and result["error"].startswith("RoPE differs across ranks: ")
         assert "`model.rotary_emb.inv_freq` on rank 1 differs from rank 0's" in result["error"]
+
+
+@pytest.mark.slow
+def test_ddp_resume_after_a_crash_before_the_final_save_and_a_finished_run(dist_assets, tmp_path):
+    from dist_workers.common import launch_process
+
+    out = tmp_path / "out"
+    argv = _train_argv(dist_assets, out, 1, "--use_cpu", "--max_steps", "2", "--save_strategy", "steps")
+    argv += ["--save_steps", "1", "--resume_from_checkpoint", "true"]
+
+    def run(name):
+        proc = launch_process("-m", 2, ["pi_peft", "train", *argv], tmp_path / name)
+        assert proc.returncode == 0, f"{name}: {proc.stdout[-6000:]}"
+        return proc
+
+    def files():
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    run("first")  # 2 steps in 2 processes, checkpoints at steps 1 and 2, then the final adapter
+    checkpoint = (out / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
+    assert files()["adapter_model.safetensors"] == checkpoint  # the final save: the same model as the last checkpoint
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (out / name).unlink()  # what a kill between the last checkpoint and the final save leaves
+    proc = run("resumed")
+    assert proc.stdout.count("Nothing to resume") == 1  # logged by the main process only
+    assert files()["adapter_model.safetensors"] == checkpoint and (out / "adapter_config.json").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp")]
+    before = files()
+    proc = run("again")  # a finished run: nothing trained, nothing rewritten
+    assert proc.stdout.count("Nothing to resume") == 1 and files() == before

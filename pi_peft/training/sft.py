@@ -374,6 +374,12 @@ def save_adapter(trainer, output_dir: str) -> None:
     accelerator.wait_for_everyone()
 
 
+def wait_for_everyone() -> None:
+    """A barrier of every process when a process group is up (several processes), else nothing."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def save_adapter_from_checkpoint(checkpoint: str, output_dir: str, training_args) -> None:
     """The final adapter of a run whose last checkpoint is `checkpoint` (a crash came between it and the final save):
     its model files, byte for byte (the Trainer saved the same model there), moved in as :func:`save_adapter` does."""
@@ -386,8 +392,7 @@ def save_adapter_from_checkpoint(checkpoint: str, output_dir: str, training_args
             if name not in CHECKPOINT_ONLY and not name.startswith("rng_state") and os.path.isfile(source):
                 shutil.copy2(source, os.path.join(tmp, name))
         _move_in(tmp, output_dir, training_args)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # no rank ends before the adapter is in place
+    wait_for_everyone()  # no rank ends before the adapter is in place
 
 
 def _move_in(tmp: str, output_dir: str, training_args) -> None:
@@ -446,7 +451,9 @@ def finish_or_refuse(checkpoint: Optional[str], training_args) -> bool:
     step = finished_at(checkpoint, training_args)
     if step is None:
         return True
-    if has_final_adapter(output_dir):
+    finished = has_final_adapter(output_dir)
+    wait_for_everyone()  # every rank has looked before the main process writes the adapter in
+    if finished:
         logger.warning(
             "Nothing to resume: %s is at step %d, the last step of this run, and the finished adapter in %s is left "
             "as it is. Raise `max_steps` to train further.",
