@@ -1,16 +1,16 @@
-"""`torchrun --nproc_per_node 2 tests/dist_workers/deepspeed_train.py RECORD_DIR -- <pi-peft train options>`: the
-product path (`pi_peft.training.sft.main` with `--deepspeed ds.json`, and Ulysses SP when the environment sets
+"""`pi-peft train` options, launched by `dist_workers.common.launch` (torchrun, 2 processes): the product path
+(`pi_peft.training.sft.main` with `--deepspeed ds.json`, and Ulysses SP when the environment sets
 `ACCELERATE_USE_PARALLELISM_CONFIG` / `PARALLELISM_CONFIG_SP_*`), with DeepSpeed's engine instrumented to record, for
 every step and rank: the batch the engine got, the loss it backpropagated, the partitioning of the trainable
-parameters and their full (gathered) values and gradients before the optimizer step. `RECORD_DIR/rank{r}.pt` is
-compared with one process by tests/test_distributed_deepspeed.py.
+parameters and their full (gathered) values and gradients before the optimizer step. Each rank writes them with
+`dist_workers.common.write_result` (JSON + safetensors) for tests/test_distributed_deepspeed.py.
 
 One shim, for DeepSpeed on CPU only: accelerate's backend is set to gloo (see `gloo_for_deepspeed_on_cpu`).
 
 Test-only knobs, by environment: `PI_TEST_LORA_B_NONZERO=1` makes the adapter start with nonzero LoRA B
 (`init_lora_weights=False`), so that the first step's LoRA A gradients are not zero;
-`PI_TEST_TILED_MLP_NO_ZERO3_PATH=1`
-runs the tiled MLP's one-process path under ZeRO-3 (a negative control: it must fail).
+`PI_TEST_TILED_MLP_NO_ZERO3_PATH=1` runs the tiled MLP's one-process path under ZeRO-3 (a negative control: it must
+fail).
 """
 
 import os
@@ -22,7 +22,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def main() -> None:
-    record_dir, argv = sys.argv[1], sys.argv[sys.argv.index("--") + 1 :]
+    argv = sys.argv[1:]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     import deepspeed
@@ -87,7 +87,7 @@ def main() -> None:
         return orig_forward(self, *args, **kwargs)
 
     def backward(self, loss, *args, **kwargs):
-        steps[-1]["loss"] = loss.detach().clone()
+        steps[-1]["loss"] = loss.item()
         return orig_backward(self, loss, *args, **kwargs)
 
     def step(self, *args, **kwargs):
@@ -108,16 +108,23 @@ def main() -> None:
         with deepspeed.zero.GatheredParameters([p for _, p in trainable]):
             record["params"] = {n: p.detach().clone() for n, p in trainable}
         rotary = [m for n, m in self.module.named_modules() if n.endswith("rotary_emb")]
-        record["inv_freq"] = rotary[0].inv_freq.detach().clone() if rotary else None
+        record["inv_freq"] = rotary[0].inv_freq.detach().clone()
         return orig_step(self, *args, **kwargs)
 
     DeepSpeedEngine.forward, DeepSpeedEngine.backward, DeepSpeedEngine.step = forward, backward, step
 
     trainer = sft.main(*parse_train_args(argv))
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", 0))
-    os.makedirs(record_dir, exist_ok=True)
-    meta = {"sp_size": trainer.accelerator.parallelism_config.sp_size if trainer.accelerator.parallelism_config else 1}
-    torch.save({"steps": steps, "agreed_tiles": agreed, **meta}, os.path.join(record_dir, f"rank{rank}.pt"))
+    from dist_workers.common import write_result
+
+    pc = trainer.accelerator.parallelism_config
+    payload = {"sp_size": pc.sp_size if pc else 1, "agreed_tiles": agreed, "steps": []}
+    tensors = {}
+    for i, record in enumerate(steps):
+        payload["steps"].append({k: record[k] for k in ("loss", "zero_stage", "world_size", "partition")})
+        for group in ("inputs", "grads", "params"):
+            tensors[f"step{i}_{group}"] = record[group]
+        tensors[f"step{i}_rope"] = {"inv_freq": record["inv_freq"]}
+    write_result(payload, tensors=tensors)
 
 
 if __name__ == "__main__":
