@@ -34,11 +34,8 @@ ZERO3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model
 
 
 def _args(**overrides):
-    """The fields of a `TrainingArguments` that check_launch reads (a real one needs deepspeed installed for
-    `deepspeed=`): `use_cpu`, `deepspeed`, `fsdp`, `parallelism_config`."""
-    return SimpleNamespace(
-        **{"use_cpu": False, "deepspeed": None, "fsdp": None, "parallelism_config": None, **overrides}
-    )
+    """The fields of a `TrainingArguments` that check_launch / check_engine read: `use_cpu`, `deepspeed`, `fsdp`."""
+    return SimpleNamespace(**{"use_cpu": False, "deepspeed": None, "fsdp": None, **overrides})
 
 
 # ---- check_launch: the launch ------------------------------------------------------------------------------------
@@ -134,14 +131,6 @@ def test_qlora_fsdp_needs_quant_storage_equal_to_the_compute_dtype():
     same = PIModelConfig(load_in_4bit=True, bnb_4bit_quant_storage="bfloat16")
     check_launch(_args(fsdp="full_shard"), same, env=TORCHRUN_CPU, cuda_available=True)
     check_launch(_args(), qlora, env=TORCHRUN_CPU, cuda_available=True)  # DDP QLoRA: no storage constraint
-
-
-def test_ulysses_with_zero2_is_refused():
-    sp = SimpleNamespace(sp_size=2, sp_backend="deepspeed")
-    zero2 = {"zero_optimization": {"stage": 2}}
-    with pytest.raises(ValueError, match=r"`parallelism_config.sp_size`=2\) with DeepSpeed ZeRO stage 2"):
-        check_launch(_args(deepspeed=zero2, parallelism_config=sp), env=TORCHRUN_CPU, cuda_available=True)
-    check_launch(_args(deepspeed=ZERO3, parallelism_config=sp), env=TORCHRUN_CPU, cuda_available=True)
 
 
 # ---- check_engine / check_rope_across_ranks -----------------------------------------------------------------------

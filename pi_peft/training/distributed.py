@@ -5,8 +5,8 @@ Three points of a run, each a clear error naming what it got and the fix:
 - :func:`check_launch` (before the model loads; a pure function of the environment and the arguments): the launch
   would not be distributed although several processes were asked for (`torchrun` on CPU without `use_cpu`, the
   one-process `accelerate launch --cpu --num_processes N`), or an engine setting that silently loses something
-  (ZeRO-3 without 16-bit weights on save, 4-bit + FSDP with a quant storage dtype other than the compute dtype,
-  Ulysses sequence parallelism with ZeRO-1/2).
+  (ZeRO-3 without 16-bit weights on save, 4-bit + FSDP with a quant storage dtype other than the compute dtype).
+  Ulysses sequence parallelism has its own checks (ZeRO-1/2 included): :mod:`pi_peft.training.sequence_parallel`.
 - :func:`check_engine` (after the trainer is built): the engine accelerate built is the one asked for (FSDP asked
   for on CPU builds DDP; DeepSpeed asked for but another engine built). `Trainer(deepspeed=..., use_cpu=True)` under
   torchrun does build DeepSpeed (gloo process group, DeepSpeed's CPU accelerator), so `use_cpu` is no refusal.
@@ -162,14 +162,6 @@ def check_launch(
                 f"weights as tensors of their storage dtype, which must be the compute dtype `dtype`={compute!r} (as "
                 f"Answer.AI's FSDP-QLoRA). Set `--bnb_4bit_quant_storage {compute}`."
             )
-    parallelism = getattr(training_args, "parallelism_config", None)
-    sp_size = getattr(parallelism, "sp_size", 1) or 1
-    if sp_size > 1 and getattr(parallelism, "sp_backend", None) == "deepspeed" and stage != 3:
-        raise ValueError(
-            f"Ulysses sequence parallelism (`parallelism_config.sp_size`={sp_size}) with DeepSpeed ZeRO stage "
-            f"{stage}: only ZeRO-3 reduces its gradients right (ZeRO-1/2 give them x{sp_size}, DeepSpeed #5248). "
-            "Use a ZeRO-3 `deepspeed` config."
-        )
 
 
 def check_engine(trainer, env: Optional[Mapping[str, str]] = None) -> None:
