@@ -225,8 +225,8 @@ def ds_assets(tmp_path_factory):
 
 
 def _launch(assets, name, extra_env=(), *extra_args, expect_failure=False):
-    """`pi-peft train` in 2 processes (`dist_workers.common.launch`: torchrun, gloo) with DeepSpeed's CPU accelerator
-    (no ACCELERATE_USE_CPU: that is accelerate's DDP engine); returns each rank's steps (see
+    """`pi-peft train --deepspeed ds.json --use_cpu` in 2 processes (`dist_workers.common.launch`: torchrun, gloo) on
+    DeepSpeed's CPU accelerator; returns each rank's steps (see
     tests/dist_workers/deepspeed_train.py), the output folder and the wall time; the launch's output if
     `expect_failure`."""
     from dist_workers.common import launch, launch_process
@@ -238,7 +238,7 @@ def _launch(assets, name, extra_env=(), *extra_args, expect_failure=False):
         "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--learning_rate", "1e-3",
         "--lr_scheduler_type", "constant", "--warmup_steps", "0",
         "--per_device_train_batch_size", "1", "--seed", "0", "--bf16", "false", "--dtype", "float32",
-        "--report_to", "none", "--deepspeed", assets.z3, *extra_args,
+        "--report_to", "none", "--deepspeed", assets.z3, "--use_cpu", *extra_args,
     ]  # fmt: skip
     env = {"ACCELERATE_USE_CPU": None, "DS_ACCELERATOR": "cpu", "PI_TEST_LORA_B_NONZERO": "1", **dict(extra_env)}
     if expect_failure:

@@ -5,7 +5,8 @@ every step and rank: the batch the engine got, the loss it backpropagated, the p
 parameters and their full (gathered) values and gradients before the optimizer step. Each rank writes them with
 `dist_workers.common.write_result` (JSON + safetensors) for tests/test_distributed_deepspeed.py.
 
-One shim, for DeepSpeed on CPU only: accelerate's backend is set to gloo (see `gloo_for_deepspeed_on_cpu`).
+On CPU the options include `--use_cpu`: transformers then gives accelerate the gloo backend and DeepSpeed's engine
+spans both processes (without it accelerate counts one process per rank, which `check_engine` refuses).
 
 Test-only knobs, by environment: `PI_TEST_LORA_B_NONZERO=1` makes the adapter start with nonzero LoRA B
 (`init_lora_weights=False`), so that the first step's LoRA A gradients are not zero;
@@ -33,22 +34,7 @@ def main() -> None:
     # shared 2-core machine; two ranks wait on one file lock, forever if a killed run left it): a speed-up only.
     # Without it the collectives are gloo's, the same values.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    # accelerate's PartialState picks no backend for DeepSpeed without a GPU (`_prepare_backend` only knows GPU ones
-    # unless `cpu=True`, and transformers passes no `ddp_backend` with `deepspeed`): it then counts 1 process
-    # while DeepSpeed's process group has 2, so both ranks are "main", get the same batches and save alike
-    # (pi_peft's check_engine refuses that). On a GPU the backend is nccl; here it is gloo, nothing else changes.
-    from accelerate.state import PartialState
     from deepspeed.utils import safe_get_full_grad
-
-    prepare_backend = PartialState._prepare_backend
-
-    def gloo_for_deepspeed_on_cpu(self, cpu=False, sagemaker_dp=False, backend=None):
-        found, distributed_type = prepare_backend(self, cpu, sagemaker_dp, backend)
-        if found is None and not cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-            found = "gloo"
-        return found, distributed_type
-
-    PartialState._prepare_backend = gloo_for_deepspeed_on_cpu
 
     import pi_peft.training.sft as sft
     from pi_peft.cli.train import parse_train_args
