@@ -170,6 +170,7 @@ def test_settings_are_read_from_training_args_and_the_environment(tmp_path, monk
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     assert check_training_sequence_parallel(args, tiny_config(), PIConfig(context_length=128)) == 4  # kv 2: copied
     monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "3")
+    monkeypatch.setenv("WORLD_SIZE", "6")
     with pytest.raises(ValueError, match=r"`sp_size`=3 does not divide the model's `num_attention_heads`=4"):
         check_training_sequence_parallel(args, tiny_config(), PIConfig(context_length=128))
     monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "2")
