@@ -145,6 +145,20 @@ def test_what_sequence_parallelism_allows():
     check_sequence_parallel(1, **{**GOOD, "zero_stage": 2, "s2_attn": True, "max_length": 3})  # no SP: no check
 
 
+def test_packed_documents_are_apart_in_one_process_without_a_cache():
+    """The premise of refusing SFT packing under Ulysses with sdpa: in one process transformers keeps packed
+    documents apart by the restarting `position_ids` (no KV cache built), which Ulysses' dropped mask cannot."""
+    model = tiny_model().train()
+    a, b = torch.randint(0, 128, (1, 20)), torch.randint(0, 128, (1, 12))
+    row, positions = torch.cat([a, b], 1), torch.cat([torch.arange(20), torch.arange(12)]).unsqueeze(0)
+    with torch.no_grad():
+        alone = model(input_ids=b, use_cache=False).logits
+        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[:, 20:]
+        with_cache = model(input_ids=row, position_ids=positions, use_cache=True).logits[:, 20:]
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    assert (with_cache - alone).abs().max() > 1e-2  # with a cache: one causal row, the documents attend each other
+
+
 def test_settings_are_read_from_training_args_and_the_environment(tmp_path, monkeypatch):
     for name in ("ACCELERATE_USE_PARALLELISM_CONFIG", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -25,8 +25,10 @@ What follows from that, and is checked by [`check_sequence_parallel`]:
 - packing. `pretrain` rows are exact windows of documents joined with EOS and no document mask (as in the PI
   paper): there documents attend across their boundaries in one process and under Ulysses alike, nothing changes.
   trl's SFT packing (`packing=True`: `position_ids` restart at every document) is kept apart in one process by a
-  block-diagonal mask built from `position_ids`; Ulysses drops the attention mask and runs causal attention over the
-  whole gathered row with `sdpa`, so packed documents would attend each other: refused with `sdpa`, allowed with
+  block-diagonal mask transformers builds from `position_ids` (only when the forward builds no KV cache: training
+  with `use_cache=False` or checkpointing; tests/test_distributed_deepspeed.py checks both); Ulysses drops the
+  attention mask and runs causal attention over the whole gathered row with `sdpa`, so packed documents would
+  attend each other: refused with `sdpa`, allowed with
   FlashAttention (its varlen path reads the restarting `position_ids`). Right padding (trl's) is harmless: causal
   attention never lets a real token see the padding after it, and padded labels are -100.
 """
