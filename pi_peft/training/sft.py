@@ -214,19 +214,26 @@ def on_cpu_device(training_args) -> bool:
     return bool(training_args.use_cpu) or not torch.cuda.is_available()
 
 
+def training_attention(model_args: ModelConfig, training_args: SFTConfig) -> str:
+    """The attention implementation a run loads its model with: `attn_implementation` when given, else SDPA
+    (FlashAttention 2 on a GPU with `flash-attn`; see :func:`pi_peft.training.memory.attn_implementation`)."""
+    from .memory import attn_implementation
+
+    return model_args.attn_implementation or attn_implementation("cpu" if on_cpu_device(training_args) else "cuda")
+
+
 def load_training_model(model_args: ModelConfig, training_args: SFTConfig):
     """The base causal LM for training, through the one loader (:func:`pi_peft.sharing.loading.load_base_model`):
     4-bit NF4 when asked, SDPA / FlashAttention 2, bitsandbytes CPU fix applied."""
     from ..ops.bnb import fix_bnb_cpu_repack
     from ..sharing.loading import load_base_model
-    from .memory import attn_implementation
 
     on_cpu = on_cpu_device(training_args)
     quant = quantization_config(model_args)
     kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation or attn_implementation("cpu" if on_cpu else "cuda"),
+        attn_implementation=training_attention(model_args, training_args),
     )
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": "cpu" if on_cpu else torch.cuda.current_device()})
@@ -536,10 +543,9 @@ def main(
 
     # Ulysses sequence parallelism (`parallelism_config` or accelerate's PARALLELISM_CONFIG_* environment): refused
     # before the model loads where it would be wrong (heads, lengths, ZeRO stage, attention, S²-Attn, packing)
-    from .memory import attn_implementation
     from .sequence_parallel import check_training_sequence_parallel
 
-    attn = model_args.attn_implementation or attn_implementation("cpu" if on_cpu_device(training_args) else "cuda")
+    attn = training_attention(model_args, training_args)
     check_training_sequence_parallel(training_args, base_config, peft_config, mode, attn)
 
     # Model (4-bit NF4 when asked) and trainer; SFTTrainer applies the PIConfig and its fused chunked loss
