@@ -387,3 +387,36 @@ def test_ddp_resume_after_a_crash_before_the_final_save_and_a_finished_run(dist_
     before = files()
     proc = run("again")  # a finished run: nothing trained, nothing rewritten
     assert proc.stdout.count("Nothing to resume") == 1 and files() == before
+
+
+@pytest.mark.slow  # two 2-process trainings: ~1-2 min on 2 cores
+def test_ddp_kill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(dist_assets, tmp_path):
+    """What a kill mid-run leaves (checkpoint-1 complete, checkpoint-2 half-written, no final adapter) resumes under
+    2 processes to the same final adapter, byte for byte, as a run that was never interrupted."""
+    import shutil
+
+    from dist_workers.common import launch_process
+
+    def run(out, name):
+        argv = _train_argv(dist_assets, out, 1, "--use_cpu", "--max_steps", "2", "--save_strategy", "steps")
+        argv += ["--save_steps", "1", "--resume_from_checkpoint", "true"]
+        proc = launch_process("-m", 2, ["pi_peft", "train", *argv], tmp_path / name)
+        assert proc.returncode == 0, f"{name}: {proc.stdout[-6000:]}"
+        return proc
+
+    reference = tmp_path / "reference"
+    run(reference, "uninterrupted")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copytree(reference / "checkpoint-1", killed / "checkpoint-1")
+    (killed / "checkpoint-2").mkdir()  # the kill came while the Trainer was writing checkpoint-2
+    shutil.copy2(reference / "checkpoint-2" / "adapter_config.json", killed / "checkpoint-2")
+    proc = run(killed, "resumed")
+    assert proc.stdout.count("Skipping incomplete checkpoint") == 1, proc.stdout[-6000:]  # main process only
+    name = "adapter_model.safetensors"
+    assert (killed / name).read_bytes() == (reference / name).read_bytes()
+    config, want = (json.loads((d / "adapter_config.json").read_text()) for d in (killed, reference))
+    for key in ("target_modules", "modules_to_save"):  # sets in peft: their JSON order follows the hash seed
+        config[key], want[key] = (sorted(c[key]) if c[key] else c[key] for c in (config, want))
+    assert config == want
+    assert not [p.name for p in killed.iterdir() if p.name.startswith(".tmp")]
