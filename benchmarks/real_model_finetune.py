@@ -74,11 +74,21 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ORIGINAL_WINDOW = 8192
 TARGET = 16384
-PARTS = ("check", "speed", "train", "eval")
+PARTS = ("check", "speed", "train", "sweep", "curve", "eval")
 ARMS = {"pi": "linear", "yarn": "yarn"}  # arm -> `--rope_type`
 ARM_TEXT = {"pi": "PI s=2 + LoRA (fine-tuned)", "yarn": "YaRN s=2 + LoRA (fine-tuned)"}
 REFERENCES = {"base": "base (no adapter)", "pi0": "PI s=2, untrained", "yarn0": "YaRN s=2, untrained"}
 NIAH_TASKS = ("niah_single_1", "niah_multikey_2")
+# The variations (part `sweep`), fixed before any of them ran: how fast PI + LoRA recovers, and whether the learning
+# rate or the rope type changes that, on rows 8x shorter than the main arms' (far cheaper steps: attention's cost
+# grows with the square of the row), with 128 steps and a checkpoint every 32 for the held-out curve. One setting
+# differs from the main arms' per variation; all train with `--context_length 16384` (s = 2).
+SWEEP_DEFAULTS = dict(length=2048, steps=128, save_steps=32)
+SWEEP = {
+    "pi-2k": dict(rope_type="linear"),
+    "pi-2k-lr2e-3": dict(rope_type="linear", lr=2e-3),
+    "yarn-2k": dict(rope_type="yarn"),
+}
 
 
 def _real_model():
@@ -284,6 +294,8 @@ def train_command(
     tiled_mlp: bool = False,
     save_steps: int | None = None,
     resume: bool = True,
+    lr: float | None = None,
+    save_total_limit: int | None = 2,
 ) -> list[str]:
     weights, mixed = {"fp32": ("float32", "false"), "bf16": ("float32", "true"), "bf16w": ("bfloat16", "true")}[dtype]
     cmd = pi_peft_cmd(args) + [
@@ -301,7 +313,7 @@ def train_command(
         "--lora_dropout", "0",
         "--train_embeddings", str(args.train_embeddings).lower(),
         "--train_norms", str(args.train_norms).lower(),
-        "--learning_rate", str(args.lr),
+        "--learning_rate", str(lr or args.lr),
         "--lr_scheduler_type", args.scheduler,
         "--warmup_steps", str(args.warmup),
         "--max_steps", str(steps),
@@ -309,12 +321,13 @@ def train_command(
         "--gradient_accumulation_steps", "1",
         "--logging_steps", "1",
         "--save_steps", str(save_steps or steps),
-        "--save_total_limit", "2",
         "--use_cpu",
         "--seed", "0",
         "--dataloader_num_workers", "0",
         "--output_dir", str(out),
     ]  # fmt: skip
+    if save_total_limit:
+        cmd += ["--save_total_limit", str(save_total_limit)]
     if s2_attn:
         cmd += ["--s2_attn", "true"]
     if tiled_mlp:
@@ -646,6 +659,12 @@ def arm_lock(out: Path):
 
 
 def part_train(args) -> dict:
+    folder, corpus, overlap = train_inputs(args)
+    return dict(arms=train_arms(args, args.arms, folder, corpus), corpus=corpus, overlap=overlap)
+
+
+def train_inputs(args) -> tuple[Path, dict, dict]:
+    """The base model folder, the training corpus and its measured overlap with the evaluation text."""
     from transformers import AutoTokenizer
 
     folder = rm.base_folder(args)
@@ -657,15 +676,29 @@ def part_train(args) -> dict:
         overlap = ngram_overlap(tokenizer(docs, add_special_tokens=False)["input_ids"], eval_ids(args, tokenizer))
         save_json(overlap_path, overlap)
         log(f"13-gram overlap of the evaluation text with the training text: {overlap}")
-    arms = {}
-    for arm in args.arms:
+    return folder, corpus, json.loads(overlap_path.read_text())
+
+
+def train_arms(args, arms, folder: Path, corpus: dict) -> dict:
+    out_arms = {}
+    for arm in arms:
         out = arm_dir(args, arm)
         out.mkdir(parents=True, exist_ok=True)
-        done = out / "done.json"
         with arm_lock(out):
-            train_arm(args, arm, folder, corpus, out, done)
-        arms[arm] = arm_summary(args, arm)
-    return dict(arms=arms, corpus=corpus, overlap=json.loads(overlap_path.read_text()))
+            train_arm(args, arm, folder, corpus, out, out / "done.json")
+        out_arms[arm] = arm_summary(args, arm)
+    return out_arms
+
+
+def arm_settings(args, arm: str) -> dict:
+    """What one arm trains with: the main arms take the command line's settings, a variation changes one of them."""
+    main = dict(length=args.train_length, steps=args.steps, save_steps=args.save_steps, lr=args.lr, keep=2)
+    if arm in ARMS:
+        return dict(main, rope_type=ARMS[arm])
+    spec = dict(main, **SWEEP_DEFAULTS, keep=None, **SWEEP[arm])  # keep every checkpoint: the curve part scores them
+    if args.quick:
+        spec.update(length=256, steps=2, save_steps=1)
+    return spec
 
 
 def train_arm(args, arm: str, folder: Path, corpus: dict, out: Path, done: Path) -> None:
@@ -673,18 +706,21 @@ def train_arm(args, arm: str, folder: Path, corpus: dict, out: Path, done: Path)
     if done.exists():
         log(f"train {arm}: finished before ({done}); not retrained")
     else:
+        spec = arm_settings(args, arm)
         cmd = train_command(
             args,
             folder,
             corpus["path"],
             out,
-            rope_type=ARMS[arm],
-            length=args.train_length,
-            steps=args.steps,
+            rope_type=spec["rope_type"],
+            length=spec["length"],
+            steps=spec["steps"],
             dtype=args.dtype,
             s2_attn=args.s2_attn,
             tiled_mlp=False,
-            save_steps=args.save_steps,
+            save_steps=spec["save_steps"],
+            lr=spec["lr"],
+            save_total_limit=spec["keep"],
         )
         run_train(cmd, out / "train.log", args.threads, times_path=out / "times.json")
         if not (out / "adapter_model.safetensors").exists():
@@ -694,19 +730,20 @@ def train_arm(args, arm: str, folder: Path, corpus: dict, out: Path, done: Path)
 
 def arm_summary(args, arm: str) -> dict:
     out = arm_dir(args, arm)
+    spec = arm_settings(args, arm)
     hist = [h for h in log_history(out) if "loss" in h]
     times = read_chunks(out / "times.json")
     done = json.loads((out / "done.json").read_text()) if (out / "done.json").exists() else None
     return dict(
-        rope_type=ARMS[arm],
+        rope_type=spec["rope_type"],
         finished=done is not None,
         command=done["command"] if done else None,
         steps_done=hist[-1]["step"] if hist else 0,
-        steps=args.steps,
-        train_length=args.train_length,
+        steps=spec["steps"],
+        train_length=spec["length"],
         dtype=args.dtype,
         s2_attn=args.s2_attn,
-        learning_rate=args.lr,
+        learning_rate=spec["lr"],
         lora_r=args.lora_r,
         curve=[
             dict(step=h["step"], loss=h["loss"], lr=h.get("learning_rate"), tps=h.get("tokens_per_second"))
@@ -718,26 +755,84 @@ def arm_summary(args, arm: str) -> dict:
     )
 
 
+# ---- part 2b: variations, and the held-out learning curve --------------------------------------------------------
+def part_sweep(args) -> dict:
+    """The variations of `SWEEP`, each trained like an arm into `<work-dir>/runs/<name>` (resumable, every
+    checkpoint kept for the curve part)."""
+    folder, corpus, _ = train_inputs(args)
+    return dict(arms=train_arms(args, args.sweep_arms, folder, corpus), defaults=SWEEP_DEFAULTS)
+
+
+def saved_steps(out: Path) -> list[int]:
+    """The steps of `out`'s complete checkpoints (adapter and trainer state written: the trainer saves the state
+    last), oldest first."""
+    steps = []
+    for ckpt in out.glob("checkpoint-*"):
+        if (ckpt / "adapter_model.safetensors").exists() and (ckpt / "trainer_state.json").exists():
+            steps.append(int(ckpt.name.split("-")[-1]))
+    return sorted(steps)
+
+
+def part_curve(args) -> dict:
+    """Held-out perplexity at `--curve-lengths` (the first `--curve-tokens` tokens of the evaluation text) of the base,
+    of each rope type's untrained adapter (step 0) and of every complete checkpoint of every arm found under
+    `<work-dir>/runs`, each cell written once. The main arms keep their two newest checkpoints only, so each run of
+    this part adds the checkpoints saved since the last one."""
+    from transformers import AutoTokenizer
+
+    folder = rm.base_folder(args)
+    ids = eval_ids(args, AutoTokenizer.from_pretrained(folder))[: args.curve_tokens]
+    path = args.work_dir / "curve.partial.json"
+    cells = json.loads(path.read_text())["cells"] if path.exists() else {}
+    refs = {"linear": "pi0", "yarn": "yarn0"}
+    jobs = [("base", None, 0, None)]  # (arm, rope_type, step, adapter folder)
+    for arm in [*ARMS, *SWEEP]:
+        out = arm_dir(args, arm)
+        if out.exists():
+            rope = arm_settings(args, arm)["rope_type"]
+            jobs.append((refs[rope], rope, 0, reference_adapter(args, refs[rope])))
+            jobs += [(arm, rope, step, out / f"checkpoint-{step}") for step in saved_steps(out)]
+    for arm, rope, step, adapter in dict.fromkeys(jobs):
+        todo = [n for n in args.curve_lengths if f"{arm}|{step}|{n}" not in cells]
+        if not todo:
+            continue
+        try:
+            model = load_lm(args, folder, adapter).model
+        except (FileNotFoundError, OSError) as exc:  # a main arm's trainer rotated the checkpoint away meanwhile
+            log(f"curve {arm} step {step}: {adapter} is gone ({type(exc).__name__}); skipped")
+            continue
+        for n in todo:
+            start = time.perf_counter()
+            cell = dict(arm=arm, rope_type=rope, step=step, length=n, **perplexity(model, ids, n))
+            cell["seconds"] = round(time.perf_counter() - start, 1)
+            cells[f"{arm}|{step}|{n}"] = cell
+            log(f"curve {arm} step {step} ppl@{n}: {cell['ppl']:.3f} ({cell['scored_tokens']} tokens)")
+            save_json(path, dict(cells=cells))
+        del model
+    return dict(cells=cells, settings=dict(lengths=args.curve_lengths, tokens=args.curve_tokens, dtype="float32"))
+
+
 # ---- part 3: evaluation ------------------------------------------------------------------------------------------
-def eval_models(args) -> dict[str, Path | None]:
-    """name -> adapter folder (None: the base model). Untrained references are PIConfig adapters with LoRA B = 0."""
+def reference_adapter(args, name: str) -> Path:
+    """`<work-dir>/adapters/<name>`: the untrained PI (`pi0`) or YaRN (`yarn0`) s=2 adapter (LoRA B = 0), made once."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    folder = rm.base_folder(args)
+    adapter = args.work_dir / "adapters" / name
+    if not (adapter / "adapter_config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(rm.base_folder(args), dtype=torch.float32)
+        rm.apply_method(model, {"pi0": "pi", "yarn0": "yarn"}[name]).save_pretrained(adapter)
+    return adapter
+
+
+def eval_models(args) -> dict[str, Path | None]:
+    """name -> adapter folder (None: the base model). Untrained references are PIConfig adapters with LoRA B = 0."""
     models: dict[str, Path | None] = {}
     for name in args.eval_models:
         if name == "base":
             models[name] = None
         elif name in ("pi0", "yarn0"):
-            adapter = args.work_dir / "adapters" / name
-            if not (adapter / "adapter_config.json").exists():
-                model = rm.apply_method(
-                    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
-                    {"pi0": "pi", "yarn0": "yarn"}[name],
-                )
-                model.save_pretrained(adapter)
-            models[name] = adapter
+            models[name] = reference_adapter(args, name)
         else:
             out = arm_dir(args, name)
             if not (out / "done.json").exists():
@@ -859,7 +954,60 @@ def load_parts(args) -> dict:
         parts["train"] = dict(
             arms={a: arm_summary(args, a) for a in args.arms if arm_dir(args, a).exists()}, partial=True
         )
+    if "sweep" not in parts and any(arm_dir(args, a).exists() for a in SWEEP):
+        parts["sweep"] = dict(arms={a: arm_summary(args, a) for a in SWEEP if arm_dir(args, a).exists()}, partial=True)
     return parts
+
+
+def arm_text(name: str) -> str:
+    if name in SWEEP:
+        spec = SWEEP[name]
+        rope = {"linear": "PI", "yarn": "YaRN"}[spec["rope_type"]]
+        extra = "".join(f", {k} {v}" for k, v in spec.items() if k != "rope_type")
+        return f"`{name}`: {rope} s=2 + LoRA, short rows{extra}"
+    return {**REFERENCES, **ARM_TEXT}.get(name, name)
+
+
+def train_table(arms: dict) -> list[str]:
+    out = [
+        "| arm | steps | length | dtype | S2-Attn | lr | wall | CPU | loss first -> last |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, a in arms.items():
+        curve = a["curve"]
+        losses = f"{curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}" if curve else "-"
+        out.append(
+            f"| {arm_text(arm)} | {a['steps_done']}/{a['steps']} | {a['train_length']} | {a['dtype']} | "
+            f"{a['s2_attn']} | {a['learning_rate']} | {fmt_time(a['wall_seconds'])} | "
+            f"{fmt_time(a['cpu_seconds'])} | {losses} |"
+        )
+    return out + [""]
+
+
+def curve_markdown(curve: dict) -> list[str]:
+    cells, st = curve["cells"], curve.get("settings", {})
+    lengths = sorted({c["length"] for c in cells.values()})
+    refs = {"linear": "pi0", "yarn": "yarn0"}
+    arms = dict.fromkeys(c["arm"] for c in cells.values() if c["step"] > 0)
+    rows = [("base", "base", 0)]  # (label, arm, step): each arm starts at its rope type's untrained adapter
+    for arm in sorted(arms, key=lambda a: (a in SWEEP, a)):
+        rope = next(c["rope_type"] for c in cells.values() if c["arm"] == arm)
+        steps = sorted({c["step"] for c in cells.values() if c["arm"] == arm})
+        rows += [(arm, refs[rope], 0)] + [(arm, arm, step) for step in steps]
+    out = [
+        "## Held-out perplexity by checkpoint",
+        "",
+        f"The first {st.get('tokens', '?')} tokens of the evaluation text, {st.get('dtype', '?')}; step 0 is the "
+        "untrained adapter of the arm's rope type.",
+        "",
+        "| model | step | " + " | ".join(f"ppl@{n}" for n in lengths) + " |",
+        "|---|---|" + "---|" * len(lengths),
+    ]
+    for label, arm, step in rows:
+        vals = [cells.get(f"{arm}|{step}|{n}") for n in lengths]
+        ppl = " | ".join(f"{v['ppl']:.2f}" if v else "-" for v in vals)
+        out.append(f"| {arm_text(label)} | {step} | {ppl} |")
+    return out + [""]
 
 
 def speed_markdown(sp: dict, gc: dict | None) -> list[str]:
@@ -927,24 +1075,18 @@ def report_markdown(parts: dict) -> str:
                 f"{tr['overlap']['eval_ngrams']}.",
                 "",
             ]
-        out += [
-            "| arm | steps | length | dtype | S2-Attn | lr | wall | CPU | loss first -> last |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for arm, a in tr["arms"].items():
-            curve = a["curve"]
-            losses = f"{curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}" if curve else "-"
-            out.append(
-                f"| {ARM_TEXT[arm]} | {a['steps_done']}/{a['steps']} | {a['train_length']} | {a['dtype']} | "
-                f"{a['s2_attn']} | {a['learning_rate']} | {fmt_time(a['wall_seconds'])} | "
-                f"{fmt_time(a['cpu_seconds'])} | {losses} |"
-            )
-        out.append("")
+        out += train_table(tr["arms"])
+    if "sweep" in parts:
+        out += ["## Variations (part `sweep`)", ""]
+        if parts["sweep"].get("partial"):
+            out += ["**In progress**: the numbers below are from the newest checkpoints.", ""]
+        out += train_table(parts["sweep"]["arms"])
+    if "curve" in parts:
+        out += curve_markdown(parts["curve"])
     if "eval" in parts:
         ev = parts["eval"]
         cells, s = ev["cells"], ev.get("settings", {})
         names = list(dict.fromkeys(k.split("|")[0] for k in cells))
-        text = {**REFERENCES, **ARM_TEXT}
         ppl_l = sorted({int(k.split("|")[2]) for k in cells if k.split("|")[1] == "ppl"})
         niah = sorted({(k.split("|")[1], int(k.split("|")[2])) for k in cells if k.split("|")[1] != "ppl"})
         out += ["## Evaluation", ""]
@@ -960,7 +1102,7 @@ def report_markdown(parts: dict) -> str:
             for t, n in niah:
                 c = cells.get(f"{name}|{t}|{n}")
                 row.append(f"{c['score']:.2f} ({c['samples']})" if c else "-")
-            out.append(f"| {text.get(name, name)} | " + " | ".join(row) + " |")
+            out.append(f"| {arm_text(name)} | " + " | ".join(row) + " |")
         out += [
             "",
             f"Perplexity: {s.get('ppl_tokens', '?')} tokens of `pydoc_data` in windows of L tokens; RULER: "
@@ -972,33 +1114,44 @@ def report_markdown(parts: dict) -> str:
 
 def plot(parts: dict, path: Path) -> None:
     cells = parts.get("eval", {}).get("cells", {})
-    curves = [a["curve"] for a in parts.get("train", {}).get("arms", {}).values() if a["curve"]]
-    if not cells and not curves:
+    arms = {**parts.get("train", {}).get("arms", {}), **parts.get("sweep", {}).get("arms", {})}
+    ckpts = parts.get("curve", {}).get("cells", {})
+    if not cells and not any(a["curve"] for a in arms.values()) and not ckpts:
         return  # nothing to draw yet
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    text = {**REFERENCES, **ARM_TEXT}
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
     for name in dict.fromkeys(k.split("|")[0] for k in cells):
         pts = sorted((int(k.split("|")[2]), c["ppl"]) for k, c in cells.items() if k.startswith(f"{name}|ppl|"))
         if pts:
-            ax1.plot(*zip(*pts), marker="o", label=text.get(name, name))
+            ax1.plot(*zip(*pts), marker="o", label=arm_text(name))
     ax1.axvline(ORIGINAL_WINDOW, color="grey", linestyle="--", linewidth=1)
     ax1.set_xlabel("window (tokens)")
     ax1.set_yscale("log")
     ax1.set_title("perplexity on held-out pydoc_data text", fontsize=10)
-    if cells:
-        ax1.legend(fontsize=8)
-    for arm, a in parts.get("train", {}).get("arms", {}).items():
+    for arm, a in arms.items():
         if a["curve"]:
-            ax2.plot([c["step"] for c in a["curve"]], [c["loss"] for c in a["curve"]], label=ARM_TEXT[arm])
+            ax2.plot([c["step"] for c in a["curve"]], [c["loss"] for c in a["curve"]], label=arm_text(arm), lw=1)
     ax2.set_xlabel("step")
-    ax2.set_title("training loss", fontsize=10)
-    if curves:
-        ax2.legend(fontsize=8)
+    ax2.set_title("training loss (one row per step)", fontsize=10)
+    refs = {"linear": "pi0", "yarn": "yarn0"}
+    top = max((c["length"] for c in ckpts.values()), default=None)
+    for arm in dict.fromkeys(c["arm"] for c in ckpts.values() if c["step"] > 0):
+        pts = sorted((c["step"], c["ppl"]) for c in ckpts.values() if c["arm"] == arm and c["length"] == top)
+        start = ckpts.get(f"{refs[next(c['rope_type'] for c in ckpts.values() if c['arm'] == arm)]}|0|{top}")
+        ax3.plot(*zip(*([(0, start["ppl"])] if start else []), *pts), marker="o", label=arm_text(arm))
+    base = ckpts.get(f"base|0|{top}")
+    if base:
+        ax3.axhline(base["ppl"], color="black", linestyle=":", linewidth=1, label=f"base at {top}")
+    ax3.set_xlabel("step")
+    ax3.set_yscale("log")
+    ax3.set_title(f"held-out perplexity at {top} by checkpoint", fontsize=10)
+    for ax in (ax1, ax2, ax3):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M (original window 8192, dashed)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -1046,6 +1199,9 @@ def parse_args(argv=None):
         help="speed part: only the configurations of these lengths (the other rows are kept from the last run)",
     )
     p.add_argument("--check-tokens", type=int, default=512, help="tokens of the speed part's gradient check")
+    p.add_argument("--sweep-arms", nargs="+", default=list(SWEEP), choices=list(SWEEP), help="sweep part: variations")
+    p.add_argument("--curve-lengths", type=int, nargs="+", default=[2048, TARGET], help="curve part: ppl windows")
+    p.add_argument("--curve-tokens", type=int, default=TARGET, help="curve part: held-out tokens per cell")
     # evaluation
     p.add_argument("--eval-models", nargs="+", default=["base", "pi0", "yarn0", "pi", "yarn"])
     p.add_argument("--ppl-lengths", type=int, nargs="+", default=[2048, 8192, 16384])
@@ -1069,6 +1225,7 @@ def parse_args(argv=None):
         args.ppl_lengths, args.ppl_tokens, args.ppl_start = [128, 256], 512, 64_000
         args.niah_lengths, args.niah_samples, args.niah_tasks = [512], 1, ["niah_single_1"]
         args.check_tokens = 64
+        args.curve_lengths, args.curve_tokens = [128, 256], 512
         args.speed_configs = (("fp32", 128, False, False, 2), ("bf16", 128, False, False, 2))
     args.parts = [x for x in args.parts.split(",") if x]
     bad = [x for x in args.parts if x not in PARTS]
@@ -1085,7 +1242,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    runners = {"check": part_check, "speed": part_speed, "train": part_train, "eval": part_eval}
+    runners = dict(check=part_check, speed=part_speed, train=part_train, sweep=part_sweep, curve=part_curve)
+    runners["eval"] = part_eval
     for i, part in enumerate(args.parts):
         if i > 0:  # each later part in a fresh process: a resumed long run evaluates with the newest code
             argv = list(sys.argv[1:] if argv is None else argv)

@@ -102,6 +102,15 @@ def test_finetune_smoke_run_trains_both_arms_evaluates_and_resumes(smol_gguf, tm
     report = (work / "real_model_finetune.md").read_text()
     assert "PI s=2 + LoRA (fine-tuned)" in report and "YaRN s=2 + LoRA (fine-tuned)" in report
 
+    # a variation trains like an arm and keeps every checkpoint; the curve part scores each one and the untrained start
+    assert bench.main(argv + ["--parts", "sweep,curve", "--sweep-arms", "pi-2k"]) == 0
+    assert bench.saved_steps(work / "runs" / "pi-2k") == [1, 2]
+    curve = json.loads((work / "curve.json").read_text())["cells"]
+    for arm, step in [("base", 0), ("pi0", 0), ("yarn0", 0), ("pi-2k", 1), ("pi-2k", 2), ("pi", 2), ("yarn", 2)]:
+        assert all(math.isfinite(curve[f"{arm}|{step}|{n}"]["ppl"]) for n in (128, 256)), (arm, step)
+    assert curve["pi-2k|2|256"]["ppl"] != curve["pi0|0|256"]["ppl"]
+    assert "## Held-out perplexity by checkpoint" in (work / "real_model_finetune.md").read_text()
+
     # a second run resumes: finished arms are not retrained, evaluated cells are kept
     done = (work / "runs" / "pi" / "done.json").read_text()
     chunks = json.loads((work / "runs" / "pi" / "times.json").read_text())["chunks"]
@@ -139,3 +148,59 @@ def test_cpu_clock_writes_the_chunk_while_the_process_runs(tmp_path):
     written = json.loads((tmp_path / "times.json").read_text())
     assert written["chunks"][0]["cpu_seconds"] == 1.0 and written["chunks"][1]["cpu_seconds"] > 0
     assert set(written) == {"chunks"}
+
+
+def test_arm_settings_main_arms_follow_the_command_line_and_variations_change_one_setting():
+    bench = _bench()
+    args = bench.parse_args(["--steps", "40", "--lr", "1e-4"])
+    main = bench.arm_settings(args, "pi")
+    assert main == dict(length=16384, steps=40, save_steps=2, lr=1e-4, keep=2, rope_type="linear")
+    lr = bench.arm_settings(args, "pi-2k-lr2e-3")
+    assert lr == dict(length=2048, steps=128, save_steps=32, lr=2e-3, keep=None, rope_type="linear")
+    assert bench.arm_settings(args, "yarn-2k")["rope_type"] == "yarn"
+    assert bench.arm_settings(args, "pi-2k")["lr"] == 1e-4  # not changed by the variation: the command line's
+    quick = bench.arm_settings(bench.parse_args(["--quick"]), "pi-2k")
+    assert (quick["length"], quick["steps"], quick["save_steps"]) == (256, 2, 1)
+
+
+def test_saved_steps_lists_only_complete_checkpoints(tmp_path):
+    bench = _bench()
+    for step, files in [
+        (32, ("adapter_model.safetensors", "trainer_state.json")),
+        (64, ("adapter_model.safetensors",)),
+    ]:
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        for name in files:
+            (ckpt / name).write_text("{}")
+    (tmp_path / "checkpoint-96").mkdir()
+    assert bench.saved_steps(tmp_path) == [32]
+
+
+def test_curve_table_starts_every_arm_at_its_rope_types_untrained_adapter():
+    bench = _bench()
+
+    def cell(arm, rope, step, n, ppl):
+        return (
+            f"{arm}|{step}|{n}",
+            dict(arm=arm, rope_type=rope, step=step, length=n, ppl=ppl),
+        )
+
+    cells = dict(
+        [
+            cell("base", None, 0, 2048, 9.0),
+            cell("pi0", "linear", 0, 2048, 30.0),
+            cell("yarn0", "yarn", 0, 2048, 9.5),
+            cell("pi-2k", "linear", 32, 2048, 12.0),
+            cell("pi", "linear", 12, 2048, 20.0),
+        ]
+    )
+    table = bench.curve_markdown(dict(cells=cells, settings=dict(tokens=16384, dtype="float32")))
+    rows = [line for line in table if line.startswith("| ") and "step" not in line]
+    assert rows == [
+        "| base (no adapter) | 0 | 9.00 |",
+        "| PI s=2 + LoRA (fine-tuned) | 0 | 30.00 |",
+        "| PI s=2 + LoRA (fine-tuned) | 12 | 20.00 |",
+        "| `pi-2k`: PI s=2 + LoRA, short rows | 0 | 30.00 |",
+        "| `pi-2k`: PI s=2 + LoRA, short rows | 32 | 12.00 |",
+    ]
