@@ -129,6 +129,20 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def read_json_object(path: PathLike, field: str, what: str, fix: str) -> dict[str, Any]:
+    """The JSON object in the file ``path`` (the value of the argument ``field``), or a ``ValueError`` that names
+    ``field``, the path, what is wrong and ``fix``; ``what`` says what the object should be ("a model config"). The one
+    reader of pi_peft's JSON inputs."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"`{field}`={str(path)!r} is not a readable JSON file ({exc}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"`{field}`={str(path)!r} holds a JSON {type(obj).__name__}, not {what} (an object); {fix}")
+    return obj
+
+
 def write_json(path: PathLike, payload: Any) -> None:
     """``payload`` as indented JSON, atomically (complete or absent); NaN -> null and +-inf -> "inf"/"-inf", so the
     file is strict JSON. The one JSON writer of pi_peft's results."""

@@ -114,8 +114,11 @@ def test_zero3_without_16bit_weights_on_save_is_refused(tmp_path):
 
 
 def test_unreadable_deepspeed_config_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=r"`deepspeed`='.*missing.json' is not a readable DeepSpeed JSON config"):
+    with pytest.raises(ValueError, match=r"`deepspeed`='.*missing.json' is not a readable JSON file \(.*No such file"):
         deepspeed_config(_args(deepspeed=str(tmp_path / "missing.json")), env={})
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"holds a JSON list, not a DeepSpeed config \(an object\); pass the path"):
+        deepspeed_config(_args(deepspeed=str(tmp_path / "list.json")), env={})
     with pytest.raises(ValueError, match=r"`zero_optimization.stage`='three'"):
         check_launch(_args(deepspeed={"zero_optimization": {"stage": "three"}}), env={}, cuda_available=True)
 

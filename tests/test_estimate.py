@@ -203,8 +203,8 @@ def test_gpu_gb_must_be_a_positive_number(gpu_gb, capsys):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"not json", r"is not a JSON config file \(Expecting value"),
-        (b"\xff\xfe\x00garbage", r"is not a JSON config file \('utf-8' codec"),
+        (b"not json", r"is not a readable JSON file \(Expecting value"),
+        (b"\xff\xfe\x00garbage", r"is not a readable JSON file \('utf-8' codec"),
         (
             b"GGUF\x03\x00\x00\x00" + bytes(64),
             r"is a GGUF file, not a config.json. Convert it first \(`pi-peft gguf-to-hf",

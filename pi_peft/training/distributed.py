@@ -16,12 +16,13 @@ Three points of a run, each a clear error naming what it got and the fix:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
+
+from ..utils import read_json_object
 
 TRUE = ("1", "true", "yes", "on")
 
@@ -77,16 +78,7 @@ def deepspeed_config(training_args, env: Optional[Mapping[str, str]] = None) -> 
         return None
     if isinstance(ds, Mapping):
         return dict(ds)
-    try:
-        with open(ds, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(
-            f"`deepspeed`={ds!r} is not a readable DeepSpeed JSON config ({exc}); fix the path."
-        ) from None
-    if not isinstance(config, dict):
-        raise ValueError(f"`deepspeed`={ds!r} must hold a JSON object, got {type(config).__name__}.")
-    return config
+    return read_json_object(ds, "deepspeed", "a DeepSpeed config", "pass the path of a DeepSpeed JSON config.")
 
 
 def zero_stage(config: Optional[Mapping]) -> Optional[int]:

@@ -72,13 +72,12 @@ GPU. The one-GPU formula was checked against peak RSS of one CPU training step o
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from ..utils import check_positive_int, is_positive_int
+from ..utils import check_positive_int, is_positive_int, read_json_object
 
 GIB = 1024**3
 QUANTIZATIONS = ("nf4", "none")
@@ -225,21 +224,13 @@ def load_model_config(model: str) -> dict[str, Any]:
 def _read_config_json(path: str) -> dict[str, Any]:
     """A model's `config.json` as a dict, or a `ValueError` naming the file and what is wrong with it."""
     with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:4] == b"GGUF":
+        magic = f.read(4)
+    if magic == b"GGUF":
         raise ValueError(
             f"`model`={path!r} is a GGUF file, not a config.json. Convert it first (`pi-peft gguf-to-hf {path} "
             "FOLDER`) and pass FOLDER, or pass the original model's config.json."
         )
-    try:
-        config = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(
-            f"`model`={path!r} is not a JSON config file ({exc}); pass a model folder or its config.json."
-        ) from None
-    if not isinstance(config, dict):
-        raise ValueError(f"`model`={path!r} holds a JSON {type(config).__name__}, not a model config (an object).")
-    return config
+    return read_json_object(path, "model", "a model config", "pass a model folder or its config.json.")
 
 
 def check_gpu_gb(gpu_gb: Any) -> float:
