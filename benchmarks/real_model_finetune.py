@@ -701,12 +701,34 @@ def arm_settings(args, arm: str) -> dict:
     return spec
 
 
+def finished_steps(done: Path) -> int | None:
+    """The steps of the finished arm whose `done.json` is `done` (`None`: not finished)."""
+    if not done.exists():
+        return None
+    record = json.loads(done.read_text())
+    if "steps" in record:
+        return record["steps"]
+    cmd = shlex.split(record["command"])  # written before `steps` was recorded
+    return int(cmd[cmd.index("--max_steps") + 1])
+
+
 def train_arm(args, arm: str, folder: Path, corpus: dict, out: Path, done: Path) -> None:
-    """Train (or resume) one arm into `out` unless `done` says it finished; `done` is written last."""
-    if done.exists():
-        log(f"train {arm}: finished before ({done}); not retrained")
+    """Train (or resume) one arm into `out` unless `done` says it finished its steps; `done` is written last. An arm
+    finished with fewer steps than asked is trained on from its newest checkpoint (`pi-peft train` with a larger
+    `--max_steps`), which only a constant learning rate allows without changing the steps already taken."""
+    spec = arm_settings(args, arm)
+    steps = finished_steps(done)
+    if steps is not None and steps >= spec["steps"]:
+        log(f"train {arm}: finished before ({steps} steps, {done}); not retrained")
     else:
-        spec = arm_settings(args, arm)
+        if steps is not None:
+            if not args.scheduler.startswith("constant"):
+                raise ValueError(
+                    f"`--steps`={spec['steps']}: arm {arm!r} finished {steps} steps under `--scheduler`="
+                    f"{args.scheduler!r}; training on would change the schedule of the steps it took. Use a new "
+                    "`--work-dir`, or a constant scheduler."
+                )
+            log(f"train {arm}: finished {steps} steps; training on to {spec['steps']} from its newest checkpoint")
         cmd = train_command(
             args,
             folder,
@@ -725,7 +747,8 @@ def train_arm(args, arm: str, folder: Path, corpus: dict, out: Path, done: Path)
         run_train(cmd, out / "train.log", args.threads, times_path=out / "times.json")
         if not (out / "adapter_model.safetensors").exists():
             raise RuntimeError(f"{out}: `pi-peft train` ended without a final adapter")
-        save_json(done, dict(command=shlex.join(cmd), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        save_json(done, dict(command=shlex.join(cmd), steps=spec["steps"], finished=stamp))
 
 
 def arm_summary(args, arm: str) -> dict:
@@ -763,6 +786,24 @@ def part_sweep(args) -> dict:
     return dict(arms=train_arms(args, args.sweep_arms, folder, corpus), defaults=SWEEP_DEFAULTS)
 
 
+class CellStore:
+    """The finished cells of one part in `path` (`{"cells": {key: cell}}`), shared by every process that works on the
+    part: a cell is added under a lock after re-reading the file, so that processes on disjoint jobs (e.g. one
+    evaluating the references while another waits for an arm) keep each other's cells."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> dict:
+        return json.loads(self.path.read_text())["cells"] if self.path.exists() else {}
+
+    def add(self, key: str, cell: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            save_json(self.path, dict(cells={**self.read(), key: cell}))
+
+
 def saved_steps(out: Path) -> list[int]:
     """The steps of `out`'s complete checkpoints (adapter and trainer state written: the trainer saves the state
     last), oldest first."""
@@ -782,8 +823,7 @@ def part_curve(args) -> dict:
 
     folder = rm.base_folder(args)
     ids = eval_ids(args, AutoTokenizer.from_pretrained(folder))[: args.curve_tokens]
-    path = args.work_dir / "curve.partial.json"
-    cells = json.loads(path.read_text())["cells"] if path.exists() else {}
+    store = CellStore(args.work_dir / "curve.partial.json")
     refs = {"linear": "pi0", "yarn": "yarn0"}
     jobs = [("base", None, 0, None)]  # (arm, rope_type, step, adapter folder)
     for arm in [*ARMS, *SWEEP]:
@@ -793,7 +833,7 @@ def part_curve(args) -> dict:
             jobs.append((refs[rope], rope, 0, reference_adapter(args, refs[rope])))
             jobs += [(arm, rope, step, out / f"checkpoint-{step}") for step in saved_steps(out)]
     for arm, rope, step, adapter in dict.fromkeys(jobs):
-        todo = [n for n in args.curve_lengths if f"{arm}|{step}|{n}" not in cells]
+        todo = [n for n in args.curve_lengths if f"{arm}|{step}|{n}" not in store.read()]
         if not todo:
             continue
         try:
@@ -805,11 +845,11 @@ def part_curve(args) -> dict:
             start = time.perf_counter()
             cell = dict(arm=arm, rope_type=rope, step=step, length=n, **perplexity(model, ids, n))
             cell["seconds"] = round(time.perf_counter() - start, 1)
-            cells[f"{arm}|{step}|{n}"] = cell
+            store.add(f"{arm}|{step}|{n}", cell)
             log(f"curve {arm} step {step} ppl@{n}: {cell['ppl']:.3f} ({cell['scored_tokens']} tokens)")
-            save_json(path, dict(cells=cells))
         del model
-    return dict(cells=cells, settings=dict(lengths=args.curve_lengths, tokens=args.curve_tokens, dtype="float32"))
+    settings = dict(lengths=args.curve_lengths, tokens=args.curve_tokens, dtype="float32")
+    return dict(cells=store.read(), settings=settings)
 
 
 # ---- part 3: evaluation ------------------------------------------------------------------------------------------
@@ -875,15 +915,16 @@ def part_eval(args) -> dict:
     folder = rm.base_folder(args)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = eval_ids(args, tokenizer)
-    path = args.work_dir / "eval.partial.json"
-    cells = json.loads(path.read_text())["cells"] if path.exists() else {}
+    store = CellStore(args.work_dir / "eval.partial.json")
     models = eval_models(args)
     jobs = [(name, "ppl", n) for name in models for n in args.ppl_lengths]
     jobs += [(name, task, n) for name in models for task in args.niah_tasks for n in args.niah_lengths]
     lm, loaded = None, None
+    trained = {n: finished_steps(arm_dir(args, n) / "done.json") for n in models if n in ARMS or n in SWEEP}
     for name, task, length in jobs:
         key = f"{name}|{task}|{length}"
-        if key in cells:
+        cached = store.read().get(key)  # by this process or another one; an arm's, for its current adapter only
+        if cached is not None and cached.get("adapter_steps") == trained.get(name):
             continue
         if loaded != name:
             del lm
@@ -893,18 +934,18 @@ def part_eval(args) -> dict:
         with autocast:
             cell = eval_cell(args, lm, folder, ids, task, length)
         cell.update(
+            adapter_steps=trained.get(name),
             seconds=round(time.perf_counter() - start, 1),
             cpu_seconds=round(time.process_time() - cpu, 1),
             dtype="bf16 autocast, fp32 weights" if args.eval_bf16 else "float32",
         )
-        cells[key] = cell
+        store.add(key, cell)
         msg = (
             f"{cell['ppl']:.3f} ({cell['scored_tokens']} tokens)"
             if task == "ppl"
             else f"{cell['score']} ({cell['samples']} samples)"
         )
         log(f"eval {name} {task}@{length}: {msg} {cell['seconds']} s")
-        save_json(path, dict(cells=cells))
     settings = dict(
         ppl_lengths=args.ppl_lengths,
         ppl_tokens=args.ppl_tokens,
@@ -915,7 +956,8 @@ def part_eval(args) -> dict:
         dtype="bf16 autocast, fp32 weights" if args.eval_bf16 else "float32",
         max_gen_toks=32,
     )
-    return dict(cells=cells, settings=settings)
+    cells = {k: c for k, c in store.read().items() if k.split("|")[0] in models}
+    return dict(cells=cells, models=list(models), settings=settings)
 
 
 def eval_cell(args, lm, folder: Path, ids: list[int], task: str, length: int) -> dict:

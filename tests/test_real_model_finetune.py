@@ -204,3 +204,50 @@ def test_curve_table_starts_every_arm_at_its_rope_types_untrained_adapter():
         "| `pi-2k`: PI s=2 + LoRA, short rows | 0 | 30.00 |",
         "| `pi-2k`: PI s=2 + LoRA, short rows | 32 | 12.00 |",
     ]
+
+
+def _add_cells(path, tag):
+    store = _bench().CellStore(path)
+    for i in range(40):
+        store.add(f"{tag}|{i}", {"i": i})
+
+
+def test_cell_store_keeps_the_cells_of_two_processes_writing_at_once(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "eval.partial.json"
+    procs = [multiprocessing.get_context("fork").Process(target=_add_cells, args=(path, tag)) for tag in "ab"]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    assert sorted(_bench().CellStore(path).read()) == sorted(f"{t}|{i}" for t in "ab" for i in range(40))
+
+
+def test_a_finished_arm_is_trained_on_only_when_asked_for_more_steps_under_a_constant_lr(tmp_path, monkeypatch):
+    bench = _bench()
+    out = tmp_path / "runs" / "pi"
+    out.mkdir(parents=True)
+    done = out / "done.json"
+    done.write_text(json.dumps({"command": "pi-peft train --max_steps 32 --output_dir x", "finished": "then"}))
+    calls = []
+
+    def fake_run_train(cmd, log_file, threads, times_path=None):
+        calls.append(cmd)
+        (out / "adapter_model.safetensors").write_text("")
+
+    monkeypatch.setattr(bench, "run_train", fake_run_train)
+    corpus = {"path": str(tmp_path / "train.jsonl")}
+    argv = ["--work-dir", str(tmp_path)]
+    assert bench.finished_steps(done) == 32  # a done.json written before `steps` was recorded
+    bench.train_arm(bench.parse_args(argv + ["--steps", "32"]), "pi", tmp_path, corpus, out, done)
+    assert calls == []  # finished: not retrained
+    bench.train_arm(bench.parse_args(argv + ["--steps", "40"]), "pi", tmp_path, corpus, out, done)
+    (cmd,) = calls
+    assert cmd[cmd.index("--max_steps") + 1] == "40" and cmd[cmd.index("--resume_from_checkpoint") + 1] == "true"
+    assert bench.finished_steps(done) == 40
+    with pytest.raises(ValueError, match=r"`--steps`=48: arm 'pi' finished 40 steps under `--scheduler`='cosine'"):
+        bench.train_arm(
+            bench.parse_args(argv + ["--steps", "48", "--scheduler", "cosine"]), "pi", tmp_path, corpus, out, done
+        )
+    assert len(calls) == 1 and bench.finished_steps(done) == 40
