@@ -838,7 +838,9 @@ def part_curve(args) -> dict:
             continue
         try:
             model = load_lm(args, folder, adapter).model
-        except (FileNotFoundError, OSError) as exc:  # a main arm's trainer rotated the checkpoint away meanwhile
+        except (OSError, ValueError) as exc:  # a main arm's trainer may have rotated the checkpoint away meanwhile
+            if adapter is None or (adapter / "adapter_config.json").exists():
+                raise
             log(f"curve {arm} step {step}: {adapter} is gone ({type(exc).__name__}); skipped")
             continue
         for n in todo:
