@@ -833,7 +833,8 @@ def part_curve(args) -> dict:
             jobs.append((refs[rope], rope, 0, reference_adapter(args, refs[rope])))
             jobs += [(arm, rope, step, out / f"checkpoint-{step}") for step in saved_steps(out)]
     for arm, rope, step, adapter in dict.fromkeys(jobs):
-        todo = [n for n in args.curve_lengths if f"{arm}|{step}|{n}" not in store.read()]
+        lengths = [*args.curve_lengths, *([ORIGINAL_WINDOW] if arm == "base" and not args.quick else [])]
+        todo = [n for n in dict.fromkeys(lengths) if f"{arm}|{step}|{n}" not in store.read()]  # base: + its window
         if not todo:
             continue
         try:
@@ -1181,16 +1182,21 @@ def plot(parts: dict, path: Path) -> None:
             ax2.plot([c["step"] for c in a["curve"]], [c["loss"] for c in a["curve"]], label=arm_text(arm), lw=1)
     ax2.set_xlabel("step")
     ax2.set_title("training loss (one row per step)", fontsize=10)
+    if not cells:
+        ax1.text(0.5, 0.5, "evaluation not run yet", ha="center", va="center", transform=ax1.transAxes)
     refs = {"linear": "pi0", "yarn": "yarn0"}
     top = max((c["length"] for c in ckpts.values()), default=None)
     for arm in dict.fromkeys(c["arm"] for c in ckpts.values() if c["step"] > 0):
-        pts = sorted((c["step"], c["ppl"]) for c in ckpts.values() if c["arm"] == arm and c["length"] == top)
+        row = arms[arm]["train_length"] if arm in arms else 0  # tokens per step
+        pts = sorted(
+            (c["step"] * row / 1e6, c["ppl"]) for c in ckpts.values() if c["arm"] == arm and c["length"] == top
+        )
         start = ckpts.get(f"{refs[next(c['rope_type'] for c in ckpts.values() if c['arm'] == arm)]}|0|{top}")
         ax3.plot(*zip(*([(0, start["ppl"])] if start else []), *pts), marker="o", label=arm_text(arm))
-    base = ckpts.get(f"base|0|{top}")
+    base = ckpts.get(f"base|0|{ORIGINAL_WINDOW}")
     if base:
-        ax3.axhline(base["ppl"], color="black", linestyle=":", linewidth=1, label=f"base at {top}")
-    ax3.set_xlabel("step")
+        ax3.axhline(1.05 * base["ppl"], color="black", linestyle=":", linewidth=1, label="target: 1.05 x base at 8192")
+    ax3.set_xlabel("training tokens (millions)")
     ax3.set_yscale("log")
     ax3.set_title(f"held-out perplexity at {top} by checkpoint", fontsize=10)
     for ax in (ax1, ax2, ax3):
