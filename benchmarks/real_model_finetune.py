@@ -78,6 +78,7 @@ PARTS = ("check", "speed", "train", "sweep", "curve", "eval")
 ARMS = {"pi": "linear", "yarn": "yarn"}  # arm -> `--rope_type`
 ARM_TEXT = {"pi": "PI s=2 + LoRA (fine-tuned)", "yarn": "YaRN s=2 + LoRA (fine-tuned)"}
 REFERENCES = {"base": "base (no adapter)", "pi0": "PI s=2, untrained", "yarn0": "YaRN s=2, untrained"}
+UNTRAINED = {"linear": "pi0", "yarn": "yarn0"}  # rope type -> its untrained reference (step 0 of the curve)
 NIAH_TASKS = ("niah_single_1", "niah_multikey_2")
 # The variations (part `sweep`), fixed before any of them ran: how fast PI + LoRA recovers, and whether the learning
 # rate or the rope type changes that, on rows 8x shorter than the main arms' (far cheaper steps: attention's cost
@@ -824,13 +825,12 @@ def part_curve(args) -> dict:
     folder = rm.base_folder(args)
     ids = eval_ids(args, AutoTokenizer.from_pretrained(folder))[: args.curve_tokens]
     store = CellStore(args.work_dir / "curve.partial.json")
-    refs = {"linear": "pi0", "yarn": "yarn0"}
     jobs = [("base", None, 0, None)]  # (arm, rope_type, step, adapter folder)
     for arm in [*ARMS, *SWEEP]:
         out = arm_dir(args, arm)
         if out.exists():
             rope = arm_settings(args, arm)["rope_type"]
-            jobs.append((refs[rope], rope, 0, reference_adapter(args, refs[rope])))
+            jobs.append((UNTRAINED[rope], rope, 0, reference_adapter(args, UNTRAINED[rope])))
             jobs += [(arm, rope, step, out / f"checkpoint-{step}") for step in saved_steps(out)]
     for arm, rope, step, adapter in dict.fromkeys(jobs):
         lengths = [*args.curve_lengths, *([ORIGINAL_WINDOW] if arm == "base" and not args.quick else [])]
@@ -1032,13 +1032,12 @@ def train_table(arms: dict) -> list[str]:
 def curve_markdown(curve: dict) -> list[str]:
     cells, st = curve["cells"], curve.get("settings", {})
     lengths = sorted({c["length"] for c in cells.values()})
-    refs = {"linear": "pi0", "yarn": "yarn0"}
     arms = dict.fromkeys(c["arm"] for c in cells.values() if c["step"] > 0)
     rows = [("base", "base", 0)]  # (label, arm, step): each arm starts at its rope type's untrained adapter
     for arm in sorted(arms, key=lambda a: (a in SWEEP, a)):
         rope = next(c["rope_type"] for c in cells.values() if c["arm"] == arm)
         steps = sorted({c["step"] for c in cells.values() if c["arm"] == arm})
-        rows += [(arm, refs[rope], 0)] + [(arm, arm, step) for step in steps]
+        rows += [(arm, UNTRAINED[rope], 0)] + [(arm, arm, step) for step in steps]
     out = [
         "## Held-out perplexity by checkpoint",
         "",
@@ -1184,14 +1183,13 @@ def plot(parts: dict, path: Path) -> None:
     ax2.set_title("training loss (one row per step)", fontsize=10)
     if not cells:
         ax1.text(0.5, 0.5, "evaluation not run yet", ha="center", va="center", transform=ax1.transAxes)
-    refs = {"linear": "pi0", "yarn": "yarn0"}
     top = max((c["length"] for c in ckpts.values()), default=None)
     for arm in dict.fromkeys(c["arm"] for c in ckpts.values() if c["step"] > 0):
         row = arms[arm]["train_length"] if arm in arms else 0  # tokens per step
         pts = sorted(
             (c["step"] * row / 1e6, c["ppl"]) for c in ckpts.values() if c["arm"] == arm and c["length"] == top
         )
-        start = ckpts.get(f"{refs[next(c['rope_type'] for c in ckpts.values() if c['arm'] == arm)]}|0|{top}")
+        start = ckpts.get(f"{UNTRAINED[next(c['rope_type'] for c in ckpts.values() if c['arm'] == arm)]}|0|{top}")
         ax3.plot(*zip(*([(0, start["ppl"])] if start else []), *pts), marker="o", label=arm_text(arm))
     base = ckpts.get(f"base|0|{ORIGINAL_WINDOW}")
     if base:
