@@ -10,11 +10,16 @@ The long run, in the background on one thread (the same command resumes it):
     setsid nohup env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/real_model_finetune.py \\
         >> ~/.cache/pi_peft/real_model_finetune/run.log 2>&1 < /dev/null &
 
-Defaults, chosen from the speed part's numbers (`benchmarks/README.md`, section 7): 16384-token rows (the extended
-window itself), bf16 autocast with fp32 weights (1.8x faster than fp32, same losses), full attention (S2-Attn saved
-nothing on this model at 8192), no tiled MLP (3.4x slower), batch 1, 32 steps per arm, lr 5e-4 constant after 4
-warm-up steps (constant, so that a run can be extended with a larger `--steps`), LoRA r 8 / alpha 16 on all linear
-layers, trainable embeddings and norms (LongLoRA, as `pi-peft train` defaults), a checkpoint every 2 steps.
+Defaults, chosen from the speed part's numbers (`benchmarks/README.md`, section 7) and from an earlier held-out
+curve: 2048-token rows, batch 1, 128 steps per arm (262144 training tokens), bf16 autocast with fp32 weights (1.8x
+faster than fp32, same losses), full attention (S2-Attn saved nothing on this model at 8192), no tiled MLP (3.4x
+slower), lr 5e-4 constant after 4 warm-up steps (constant, so that a run can be extended with a larger `--steps`),
+LoRA r 8 / alpha 16 on all linear layers, trainable embeddings and norms (LongLoRA, as `pi-peft train` defaults), a
+checkpoint every 16 steps, all kept. Why not rows of 16384 (the extended window): one such step costs ~9 CPU-min
+here against ~25 CPU-s at 2048 (attention grows with the square of the row), so 32 steps take ~5 CPU-h per arm, and
+in the run at commit fc28f81 (`benchmarks/results/real_model_finetune.md` there) PI's held-out ppl@16384 after 20
+steps of 16384 (14.01, ~3.3 CPU-h) was worse than after 32 steps of 2048 (13.38, ~13 CPU-min): PI's recovery is
+limited by steps, not by the row length. The `pi-16k` variation measures that again at equal training tokens.
 
 Run it again with the same arguments to resume: each arm's `pi-peft train` restarts from its newest complete
 checkpoint (`--resume_from_checkpoint true`), a finished arm (final adapter + `done.json`) is never retrained, and
@@ -80,15 +85,12 @@ ARM_TEXT = {"pi": "PI s=2 + LoRA (fine-tuned)", "yarn": "YaRN s=2 + LoRA (fine-t
 REFERENCES = {"base": "base (no adapter)", "pi0": "PI s=2, untrained", "yarn0": "YaRN s=2, untrained"}
 UNTRAINED = {"linear": "pi0", "yarn": "yarn0"}  # rope type -> its untrained reference (step 0 of the curve)
 NIAH_TASKS = ("niah_single_1", "niah_multikey_2")
-# The variations (part `sweep`), fixed before any of them ran: how fast PI + LoRA recovers, and whether the learning
-# rate or the rope type changes that, on rows 8x shorter than the main arms' (far cheaper steps: attention's cost
-# grows with the square of the row), with 128 steps and a checkpoint every 32 for the held-out curve. One setting
-# differs from the main arms' per variation; all train with `--context_length 16384` (s = 2).
-SWEEP_DEFAULTS = dict(length=2048, steps=128, save_steps=32)
+# The variations (part `sweep`) of the PI arm, each changing one setting of the main arms': the learning rate, and
+# the row length at the same training tokens (16384-token rows, the extended window itself: 8x fewer steps, each
+# ~20x dearer on this CPU). All train with `--context_length 16384` (s = 2) and keep every checkpoint for the curve.
 SWEEP = {
-    "pi-2k": dict(rope_type="linear"),
-    "pi-2k-lr2e-3": dict(rope_type="linear", lr=2e-3),
-    "yarn-2k": dict(rope_type="yarn"),
+    "pi-lr2e-3": dict(rope_type="linear", lr=2e-3),
+    "pi-16k": dict(rope_type="linear", length=16384, steps=16, save_steps=2),
 }
 
 
@@ -693,10 +695,10 @@ def train_arms(args, arms, folder: Path, corpus: dict) -> dict:
 
 def arm_settings(args, arm: str) -> dict:
     """What one arm trains with: the main arms take the command line's settings, a variation changes one of them."""
-    main = dict(length=args.train_length, steps=args.steps, save_steps=args.save_steps, lr=args.lr, keep=2)
-    if arm in ARMS:
+    main = dict(length=args.train_length, steps=args.steps, save_steps=args.save_steps, lr=args.lr, keep=None)
+    if arm in ARMS:  # every checkpoint is kept: the curve part scores them
         return dict(main, rope_type=ARMS[arm])
-    spec = dict(main, **SWEEP_DEFAULTS, keep=None, **SWEEP[arm])  # keep every checkpoint: the curve part scores them
+    spec = dict(main, **SWEEP[arm])
     if args.quick:
         spec.update(length=256, steps=2, save_steps=1)
     return spec
@@ -784,7 +786,7 @@ def part_sweep(args) -> dict:
     """The variations of `SWEEP`, each trained like an arm into `<work-dir>/runs/<name>` (resumable, every
     checkpoint kept for the curve part)."""
     folder, corpus, _ = train_inputs(args)
-    return dict(arms=train_arms(args, args.sweep_arms, folder, corpus), defaults=SWEEP_DEFAULTS)
+    return dict(arms=train_arms(args, args.sweep_arms, folder, corpus))
 
 
 class CellStore:
@@ -818,8 +820,7 @@ def saved_steps(out: Path) -> list[int]:
 def part_curve(args) -> dict:
     """Held-out perplexity at `--curve-lengths` (the first `--curve-tokens` tokens of the evaluation text) of the base,
     of each rope type's untrained adapter (step 0) and of every complete checkpoint of every arm found under
-    `<work-dir>/runs`, each cell written once. The main arms keep their two newest checkpoints only, so each run of
-    this part adds the checkpoints saved since the last one."""
+    `<work-dir>/runs`, each cell written once: each run of this part adds the checkpoints saved since the last."""
     from transformers import AutoTokenizer
 
     folder = rm.base_folder(args)
@@ -1009,7 +1010,7 @@ def arm_text(name: str) -> str:
         spec = SWEEP[name]
         rope = {"linear": "PI", "yarn": "YaRN"}[spec["rope_type"]]
         extra = "".join(f", {k} {v}" for k, v in spec.items() if k != "rope_type")
-        return f"`{name}`: {rope} s=2 + LoRA, short rows{extra}"
+        return f"`{name}`: {rope} s=2 + LoRA{extra}"
     return {**REFERENCES, **ARM_TEXT}.get(name, name)
 
 
@@ -1229,9 +1230,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads of every process")
     # training (both arms)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--train-length", type=int, default=16384, help="tokens per training sequence")
-    p.add_argument("--steps", type=int, default=32, help="optimizer steps per arm (batch 1)")
-    p.add_argument("--save-steps", type=int, default=2, help="checkpoint every N steps (resume point)")
+    p.add_argument("--train-length", type=int, default=2048, help="tokens per training sequence")
+    p.add_argument("--steps", type=int, default=128, help="optimizer steps per arm (batch 1)")
+    p.add_argument("--save-steps", type=int, default=16, help="checkpoint every N steps (resume point, curve point)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--scheduler", default="constant_with_warmup", help="constant: a run can be extended later")
     p.add_argument("--warmup", type=int, default=4)

@@ -103,12 +103,13 @@ def test_finetune_smoke_run_trains_both_arms_evaluates_and_resumes(smol_gguf, tm
     assert "PI s=2 + LoRA (fine-tuned)" in report and "YaRN s=2 + LoRA (fine-tuned)" in report
 
     # a variation trains like an arm and keeps every checkpoint; the curve part scores each one and the untrained start
-    assert bench.main(argv + ["--parts", "sweep,curve", "--sweep-arms", "pi-2k"]) == 0
-    assert bench.saved_steps(work / "runs" / "pi-2k") == [1, 2]
+    assert bench.main(argv + ["--parts", "sweep,curve", "--sweep-arms", "pi-lr2e-3"]) == 0
+    assert bench.saved_steps(work / "runs" / "pi-lr2e-3") == [1, 2]
     curve = json.loads((work / "curve.json").read_text())["cells"]
-    for arm, step in [("base", 0), ("pi0", 0), ("yarn0", 0), ("pi-2k", 1), ("pi-2k", 2), ("pi", 2), ("yarn", 2)]:
+    scored = [("base", 0), ("pi0", 0), ("yarn0", 0), ("pi-lr2e-3", 1), ("pi-lr2e-3", 2), ("pi", 2), ("yarn", 2)]
+    for arm, step in scored:
         assert all(math.isfinite(curve[f"{arm}|{step}|{n}"]["ppl"]) for n in (128, 256)), (arm, step)
-    assert curve["pi-2k|2|256"]["ppl"] != curve["pi0|0|256"]["ppl"]
+    assert curve["pi-lr2e-3|2|256"]["ppl"] != curve["pi0|0|256"]["ppl"]
     assert "## Held-out perplexity by checkpoint" in (work / "real_model_finetune.md").read_text()
 
     # a second run resumes: finished arms are not retrained, evaluated cells are kept
@@ -154,12 +155,13 @@ def test_arm_settings_main_arms_follow_the_command_line_and_variations_change_on
     bench = _bench()
     args = bench.parse_args(["--steps", "40", "--lr", "1e-4"])
     main = bench.arm_settings(args, "pi")
-    assert main == dict(length=16384, steps=40, save_steps=2, lr=1e-4, keep=2, rope_type="linear")
-    lr = bench.arm_settings(args, "pi-2k-lr2e-3")
-    assert lr == dict(length=2048, steps=128, save_steps=32, lr=2e-3, keep=None, rope_type="linear")
-    assert bench.arm_settings(args, "yarn-2k")["rope_type"] == "yarn"
-    assert bench.arm_settings(args, "pi-2k")["lr"] == 1e-4  # not changed by the variation: the command line's
-    quick = bench.arm_settings(bench.parse_args(["--quick"]), "pi-2k")
+    assert main == dict(length=2048, steps=40, save_steps=16, lr=1e-4, keep=None, rope_type="linear")
+    assert bench.arm_settings(args, "yarn") == dict(main, rope_type="yarn")
+    lr = bench.arm_settings(args, "pi-lr2e-3")
+    assert lr == dict(main, lr=2e-3)  # the command line's steps, one setting changed
+    long_rows = bench.arm_settings(args, "pi-16k")
+    assert long_rows == dict(main, length=16384, steps=16, save_steps=2)
+    quick = bench.arm_settings(bench.parse_args(["--quick"]), "pi-16k")
     assert (quick["length"], quick["steps"], quick["save_steps"]) == (256, 2, 1)
 
 
@@ -191,7 +193,7 @@ def test_curve_table_starts_every_arm_at_its_rope_types_untrained_adapter():
             cell("base", None, 0, 2048, 9.0),
             cell("pi0", "linear", 0, 2048, 30.0),
             cell("yarn0", "yarn", 0, 2048, 9.5),
-            cell("pi-2k", "linear", 32, 2048, 12.0),
+            cell("pi-lr2e-3", "linear", 32, 2048, 12.0),
             cell("pi", "linear", 12, 2048, 20.0),
         ]
     )
@@ -201,8 +203,8 @@ def test_curve_table_starts_every_arm_at_its_rope_types_untrained_adapter():
         "| base (no adapter) | 0 | 9.00 |",
         "| PI s=2 + LoRA (fine-tuned) | 0 | 30.00 |",
         "| PI s=2 + LoRA (fine-tuned) | 12 | 20.00 |",
-        "| `pi-2k`: PI s=2 + LoRA, short rows | 0 | 30.00 |",
-        "| `pi-2k`: PI s=2 + LoRA, short rows | 32 | 12.00 |",
+        "| `pi-lr2e-3`: PI s=2 + LoRA, lr 0.002 | 0 | 30.00 |",
+        "| `pi-lr2e-3`: PI s=2 + LoRA, lr 0.002 | 32 | 12.00 |",
     ]
 
 
