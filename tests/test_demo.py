@@ -281,3 +281,32 @@ def test_corpus_note_says_whether_numbers_are_comparable():
     other = {**same, "python": "3.12.1", "sha256": "0" * 64}
     assert "NOT the committed run's corpus" in demo.corpus_note(other, cfg)
     assert "not comparable" in demo.corpus_note(same, replace(cfg, seed=3))
+
+
+def test_compare_runs_holds_within_tolerance_and_fails_on_a_perplexity_or_k_max_change():
+    import copy
+    import importlib.util
+
+    root = ROOT
+    spec = importlib.util.spec_from_file_location("compare_runs", root / "experiments" / "demo" / "compare_runs.py")
+    compare_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_runs)
+    committed = json.loads((root / "experiments" / "demo" / "run" / "demo.json").read_text())
+
+    near = copy.deepcopy(committed)
+    near["results"]["pi"]["ppl"][0]["ppl"] *= 1.02  # inside 3%
+    rows, ok = compare_runs.compare(committed, near, 0.03)
+    assert ok and "| pi ppl@128 |" in "\n".join(rows)
+
+    far = copy.deepcopy(committed)
+    far["results"]["pi"]["ppl"][0]["ppl"] *= 1.05
+    rows, ok = compare_runs.compare(committed, far, 0.03)
+    assert not ok and any(r.startswith("| pi ppl@128 |") and r.endswith("| False |") for r in rows)
+
+    other_k = copy.deepcopy(committed)
+    other_k["results"]["extrapolation"]["passkey"]["k_max"] += 64
+    assert not compare_runs.compare(committed, other_k, 0.03)[1]
+
+    other_corpus = copy.deepcopy(committed)
+    other_corpus["corpus"]["sha256"] = "0" * 64
+    assert not compare_runs.compare(committed, other_corpus, 0.03)[1]
