@@ -848,7 +848,7 @@ def part_curve(args) -> dict:
         for n in todo:
             start = time.perf_counter()
             cell = dict(arm=arm, rope_type=rope, step=step, length=n, **perplexity(model, ids, n))
-            cell["seconds"] = round(time.perf_counter() - start, 1)
+            cell.update(seconds=round(time.perf_counter() - start, 1), adapter_sha256=adapter_sha256(adapter))
             store.add(f"{arm}|{step}|{n}", cell)
             log(f"curve {arm} step {step} ppl@{n}: {cell['ppl']:.3f} ({cell['scored_tokens']} tokens)")
         del model
@@ -867,6 +867,12 @@ def reference_adapter(args, name: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(rm.base_folder(args), dtype=torch.float32)
         rm.apply_method(model, {"pi0": "pi", "yarn0": "yarn"}[name]).save_pretrained(adapter)
     return adapter
+
+
+def adapter_sha256(adapter: Path | None) -> str | None:
+    """The identity of the adapter a cell scored (sha256 of its weights; None: the base model), recorded beside the
+    number so that a run elsewhere can tell whether it scored the same adapter."""
+    return None if adapter is None else sha256(adapter / "adapter_model.safetensors")
 
 
 def eval_models(args) -> dict[str, Path | None]:
@@ -939,6 +945,7 @@ def part_eval(args) -> dict:
             cell = eval_cell(args, lm, folder, ids, task, length)
         cell.update(
             adapter_steps=trained.get(name),
+            adapter_sha256=adapter_sha256(models[name]),
             seconds=round(time.perf_counter() - start, 1),
             cpu_seconds=round(time.process_time() - cpu, 1),
             dtype="bf16 autocast, fp32 weights" if args.eval_bf16 else "float32",

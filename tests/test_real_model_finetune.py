@@ -99,6 +99,7 @@ def test_finetune_smoke_run_trains_both_arms_evaluates_and_resumes(smol_gguf, tm
     assert all(0 <= c["score"] <= 1 and c["samples"] == 1 for k, c in cells.items() if "|niah" in k)
     # PI s=2 changes the model, the LoRA training moves it further (ppl cells differ from the base's)
     assert cells["pi|ppl|256"]["ppl"] != cells["base|ppl|256"]["ppl"]
+    assert len(cells["pi|ppl|256"]["adapter_sha256"]) == 64 and cells["base|ppl|256"]["adapter_sha256"] is None
     report = (work / "real_model_finetune.md").read_text()
     assert "PI s=2 + LoRA (fine-tuned)" in report and "YaRN s=2 + LoRA (fine-tuned)" in report
 
@@ -110,6 +111,9 @@ def test_finetune_smoke_run_trains_both_arms_evaluates_and_resumes(smol_gguf, tm
     for arm, step in scored:
         assert all(math.isfinite(curve[f"{arm}|{step}|{n}"]["ppl"]) for n in (128, 256)), (arm, step)
     assert curve["pi-lr2e-3|2|256"]["ppl"] != curve["pi0|0|256"]["ppl"]
+    # each cell names the weights it scored: none for the base, one per checkpoint
+    assert curve["base|0|256"]["adapter_sha256"] is None
+    assert curve["pi-lr2e-3|1|256"]["adapter_sha256"] != curve["pi-lr2e-3|2|256"]["adapter_sha256"]
     assert "## Held-out perplexity by checkpoint" in (work / "real_model_finetune.md").read_text()
 
     # a second run resumes: finished arms are not retrained, evaluated cells are kept
