@@ -2,7 +2,8 @@
 beside YaRN + LoRA with the same data, steps and adapter settings, scored by perplexity and lm-eval's RULER.
 
     python benchmarks/real_model_finetune.py --parts check,speed  # bf16 vs fp32 gradients and step time (~30 min)
-    python benchmarks/real_model_finetune.py                      # train both arms, evaluate, report (resumable)
+    python benchmarks/real_model_finetune.py                      # train both arms, curve, evaluate, report (resumable)
+    python benchmarks/real_model_finetune.py --parts sweep,curve  # the variations, and their held-out curve
     python benchmarks/real_model_finetune.py --quick              # smoke run: short lengths, a few steps
 
 The long run, in the background on one thread (the same command resumes it):
@@ -1229,7 +1230,7 @@ def write_report(args) -> None:
 # ---- command line ------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="train,eval", help=f"comma-separated subset of {PARTS}")
+    p.add_argument("--parts", default="train,curve,eval", help=f"comma-separated subset of {PARTS}")
     p.add_argument("--quick", action="store_true", help="smoke sizes (minutes); results go to the work dir only")
     p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "pi_peft" / "real_model_finetune")
     p.add_argument("--results", type=Path, default=RESULTS, help="where the report goes (not with --quick)")
