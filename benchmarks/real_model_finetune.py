@@ -2,7 +2,7 @@
 beside YaRN + LoRA with the same data, steps and adapter settings, scored by perplexity and lm-eval's RULER.
 
     python benchmarks/real_model_finetune.py --parts check,speed  # bf16 vs fp32 gradients and step time (~30 min)
-    python benchmarks/real_model_finetune.py                      # train both arms, curve, evaluate, report (resumable)
+    python benchmarks/real_model_finetune.py                      # train both arms, curve, evaluate (resumable)
     python benchmarks/real_model_finetune.py --parts sweep,curve  # the variations, and their held-out curve
     python benchmarks/real_model_finetune.py --quick              # smoke run: short lengths, a few steps
 
