@@ -846,10 +846,11 @@ def part_curve(args) -> dict:
                 raise
             log(f"curve {arm} step {step}: {adapter} is gone ({type(exc).__name__}); skipped")
             continue
+        weights = adapter_sha256(adapter)
         for n in todo:
             start = time.perf_counter()
             cell = dict(arm=arm, rope_type=rope, step=step, length=n, **perplexity(model, ids, n))
-            cell.update(seconds=round(time.perf_counter() - start, 1), adapter_sha256=adapter_sha256(adapter))
+            cell.update(seconds=round(time.perf_counter() - start, 1), adapter_sha256=weights)
             store.add(f"{arm}|{step}|{n}", cell)
             log(f"curve {arm} step {step} ppl@{n}: {cell['ppl']:.3f} ({cell['scored_tokens']} tokens)")
         del model
@@ -930,7 +931,7 @@ def part_eval(args) -> dict:
     models = eval_models(args)
     jobs = [(name, "ppl", n) for name in models for n in args.ppl_lengths]
     jobs += [(name, task, n) for name in models for task in args.niah_tasks for n in args.niah_lengths]
-    lm, loaded = None, None
+    lm, loaded, weights = None, None, None
     trained = {n: finished_steps(arm_dir(args, n) / "done.json") for n in models if n in ARMS or n in SWEEP}
     for name, task, length in jobs:
         key = f"{name}|{task}|{length}"
@@ -939,14 +940,14 @@ def part_eval(args) -> dict:
             continue
         if loaded != name:
             del lm
-            lm, loaded = load_lm(args, folder, models[name]), name
+            lm, loaded, weights = load_lm(args, folder, models[name]), name, adapter_sha256(models[name])
         start, cpu = time.perf_counter(), time.process_time()
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.eval_bf16)
         with autocast:
             cell = eval_cell(args, lm, folder, ids, task, length)
         cell.update(
             adapter_steps=trained.get(name),
-            adapter_sha256=adapter_sha256(models[name]),
+            adapter_sha256=weights,
             seconds=round(time.perf_counter() - start, 1),
             cpu_seconds=round(time.process_time() - cpu, 1),
             dtype="bf16 autocast, fp32 weights" if args.eval_bf16 else "float32",

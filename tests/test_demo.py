@@ -287,11 +287,10 @@ def test_compare_runs_holds_within_tolerance_and_fails_on_a_perplexity_or_k_max_
     import copy
     import importlib.util
 
-    root = ROOT
-    spec = importlib.util.spec_from_file_location("compare_runs", root / "experiments" / "demo" / "compare_runs.py")
+    spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "experiments" / "demo" / "compare_runs.py")
     compare_runs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare_runs)
-    committed = json.loads((root / "experiments" / "demo" / "run" / "demo.json").read_text())
+    committed = json.loads((ROOT / "experiments" / "demo" / "run" / "demo.json").read_text())
 
     near = copy.deepcopy(committed)
     near["results"]["pi"]["ppl"][0]["ppl"] *= 1.02  # inside 3%
