@@ -323,8 +323,7 @@ def test_every_accelerate_config_loads_with_accelerates_own_loader_and_is_estima
         pytest.param("fsdp2-qlora.yaml", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
                               "FSDP_RESHARD_AFTER_FORWARD": "true",
                               "FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "FSDP_SYNC_MODULE_STATES": "true",
-                              "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"},
-                     marks=pytest.mark.slow),  # one launch (~10-20 s) in the default suite is enough
+                              "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}),  # needs no extra install
     ],
 )  # fmt: skip
 def test_accelerate_launch_starts_the_processes_with_the_configs_settings(config, expected, tmp_path):
@@ -333,6 +332,8 @@ def test_accelerate_launch_starts_the_processes_with_the_configs_settings(config
     (and so the Trainer) builds its plugin / ParallelismConfig from. ~5 s."""
     import subprocess
 
+    if expected.get("ACCELERATE_USE_DEEPSPEED"):  # accelerate imports deepspeed to launch a DeepSpeed config
+        pytest.importorskip("deepspeed", reason="needs `pip install -e .[distributed]` (deepspeed)")
     path = f"recipes/accelerate/{config}"
     n = EXPECTED_LAYOUT[config]["num_gpus"]
     script = "import json, os; env = {k: v for k, v in os.environ.items() if k.isupper()}\n"
