@@ -696,7 +696,7 @@ def train_arms(args, arms, folder: Path, corpus: dict) -> dict:
 
 def arm_settings(args, arm: str) -> dict:
     """What one arm trains with: the main arms take the command line's settings, a variation changes one of them."""
-    main = dict(length=args.train_length, steps=args.steps, save_steps=args.save_steps, lr=args.lr, keep=None)
+    main = dict(length=args.train_length, steps=args.steps, save_steps=args.save_steps, lr=args.lr)
     if arm in ARMS:  # every checkpoint is kept: the curve part scores them
         return dict(main, rope_type=ARMS[arm])
     spec = dict(main, **SWEEP[arm])
@@ -746,7 +746,7 @@ def train_arm(args, arm: str, folder: Path, corpus: dict, out: Path, done: Path)
             tiled_mlp=False,
             save_steps=spec["save_steps"],
             lr=spec["lr"],
-            save_total_limit=spec["keep"],
+            save_total_limit=None,  # every checkpoint kept: the curve part scores each one
         )
         run_train(cmd, out / "train.log", args.threads, times_path=out / "times.json")
         if not (out / "adapter_model.safetensors").exists():
@@ -802,10 +802,28 @@ class CellStore:
         return json.loads(self.path.read_text())["cells"] if self.path.exists() else {}
 
     def add(self, key: str, cell: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        with file_lock(self.path):
             save_json(self.path, dict(cells={**self.read(), key: cell}))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Hold `<path>.lock` (exclusive; released with the process, a killed one included) while rewriting `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def save_part(path: Path, result: dict) -> None:
+    """Write a part's result to `path`, keeping the arms / cells of the file it replaces that this process did not
+    produce: two processes on disjoint `--arms` (or `--eval-models`), one per core, each end with their own subset."""
+    with file_lock(path):
+        old = json.loads(path.read_text()) if path.exists() else {}
+        for key in ("arms", "cells"):
+            if key in result and key in old:
+                result[key] = {**old[key], **result[key]}
+        save_json(path, result)
 
 
 def saved_steps(out: Path) -> list[int]:
@@ -1316,7 +1334,7 @@ def main(argv=None) -> int:
         result = runners[part](args)
         result["wall_seconds"] = round(time.perf_counter() - start, 1)
         result["environment"] = environment()
-        save_json(args.work_dir / f"{part}.json", result)
+        save_part(args.work_dir / f"{part}.json", result)
         log(f"{part}: done in {result['wall_seconds']:.0f} s")
         write_report(args)
     write_report(args)

@@ -159,7 +159,7 @@ def test_arm_settings_main_arms_follow_the_command_line_and_variations_change_on
     bench = _bench()
     args = bench.parse_args(["--steps", "40", "--lr", "1e-4"])
     main = bench.arm_settings(args, "pi")
-    assert main == dict(length=2048, steps=40, save_steps=16, lr=1e-4, keep=None, rope_type="linear")
+    assert main == dict(length=2048, steps=40, save_steps=16, lr=1e-4, rope_type="linear")
     assert bench.arm_settings(args, "yarn") == dict(main, rope_type="yarn")
     lr = bench.arm_settings(args, "pi-lr2e-3")
     assert lr == dict(main, lr=2e-3)  # the command line's steps, one setting changed
@@ -228,6 +228,19 @@ def test_cell_store_keeps_the_cells_of_two_processes_writing_at_once(tmp_path):
     for proc in procs:
         proc.join()
     assert sorted(_bench().CellStore(path).read()) == sorted(f"{t}|{i}" for t in "ab" for i in range(40))
+
+
+def test_a_part_written_by_two_processes_on_disjoint_arms_keeps_both(tmp_path):
+    # `--arms pi` and `--arms yarn` run side by side, one per core: the one that ends last used to drop the other's arm
+    bench = _bench()
+    path = tmp_path / "train.json"
+    bench.save_part(path, dict(arms={"pi": {"steps_done": 128}}, wall_seconds=1.0))
+    bench.save_part(path, dict(arms={"yarn": {"steps_done": 128}}, wall_seconds=2.0))
+    saved = json.loads(path.read_text())
+    assert saved["arms"] == {"pi": {"steps_done": 128}, "yarn": {"steps_done": 128}}
+    assert saved["wall_seconds"] == 2.0
+    bench.save_part(path, dict(arms={"pi": {"steps_done": 256}}))  # a rerun of one arm replaces that arm only
+    assert json.loads(path.read_text())["arms"] == {"pi": {"steps_done": 256}, "yarn": {"steps_done": 128}}
 
 
 def test_a_finished_arm_is_trained_on_only_when_asked_for_more_steps_under_a_constant_lr(tmp_path, monkeypatch):
