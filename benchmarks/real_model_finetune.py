@@ -86,6 +86,7 @@ ARM_TEXT = {"pi": "PI s=2 + LoRA (fine-tuned)", "yarn": "YaRN s=2 + LoRA (fine-t
 REFERENCES = {"base": "base (no adapter)", "pi0": "PI s=2, untrained", "yarn0": "YaRN s=2, untrained"}
 UNTRAINED = {"linear": "pi0", "yarn": "yarn0"}  # rope type -> its untrained reference (step 0 of the curve)
 NIAH_TASKS = ("niah_single_1", "niah_multikey_2")
+LOSS_MEAN = 16  # steps per point of the plotted mean training loss
 # The variations (part `sweep`) of the PI arm, each changing one setting of the main arms': the learning rate, and
 # the row length at the same training tokens (16384-token rows, the extended window itself: 8x fewer steps, each
 # ~20x dearer on this CPU). All train with `--context_length 16384` (s = 2) and keep every checkpoint for the curve.
@@ -1181,7 +1182,26 @@ def report_markdown(parts: dict) -> str:
             f"lm-eval, greedy, {s.get('niah_samples', '?')} samples per cell (score (samples)).",
             "",
         ]
+        out += target_lines(cells)
     return "\n".join(out)
+
+
+def target_lines(cells: dict) -> list[str]:
+    """The issue's target for the PI arm, checked on the evaluation cells: ppl@16384 within 5 % of the base's ppl at
+    its own window, and RULER `niah_single_1` at 16384 of at least 0.8."""
+    base, pi = cells.get(f"base|ppl|{ORIGINAL_WINDOW}"), cells.get(f"pi|ppl|{TARGET}")
+    niah = cells.get(f"pi|niah_single_1|{TARGET}")
+    out = ["Target (PI s=2 + LoRA fine-tuned):", ""]
+    if base and pi:
+        limit = 1.05 * base["ppl"]
+        verdict = "met" if pi["ppl"] <= limit else f"missed by {pi['ppl'] / limit - 1:.1%}"
+        out.append(
+            f"- ppl@{TARGET} <= 1.05 x base ppl@{ORIGINAL_WINDOW} = {limit:.2f}: measured {pi['ppl']:.2f} ({verdict})"
+        )
+    if niah:
+        verdict = "met" if niah["score"] >= 0.8 else "missed"
+        out.append(f"- `niah_single_1`@{TARGET} >= 0.8: measured {niah['score']:.2f} ({verdict})")
+    return out + [""] if len(out) > 2 else []
 
 
 def plot(parts: dict, path: Path) -> None:
@@ -1201,14 +1221,20 @@ def plot(parts: dict, path: Path) -> None:
         if pts:
             ax1.plot(*zip(*pts), marker="o", label=arm_text(name))
     ax1.axvline(ORIGINAL_WINDOW, color="grey", linestyle="--", linewidth=1)
+    if f"base|ppl|{ORIGINAL_WINDOW}" in cells:
+        target = 1.05 * cells[f"base|ppl|{ORIGINAL_WINDOW}"]["ppl"]
+        ax1.axhline(target, color="black", linestyle=":", linewidth=1, label="target: 1.05 x base at 8192")
     ax1.set_xlabel("window (tokens)")
     ax1.set_yscale("log")
     ax1.set_title("perplexity on held-out pydoc_data text", fontsize=10)
     for arm, a in arms.items():
-        if a["curve"]:
-            ax2.plot([c["step"] for c in a["curve"]], [c["loss"] for c in a["curve"]], label=arm_text(arm), lw=1)
+        steps, losses = [c["step"] for c in a["curve"]], [c["loss"] for c in a["curve"]]
+        if steps:  # one row per step is noisy: the mean of the last LOSS_MEAN steps drawn over the raw losses
+            (line,) = ax2.plot(steps, losses, lw=0.6, alpha=0.35)
+            mean = [sum(losses[max(0, i - LOSS_MEAN + 1) : i + 1]) / min(i + 1, LOSS_MEAN) for i in range(len(losses))]
+            ax2.plot(steps, mean, color=line.get_color(), lw=1.8, label=arm_text(arm))
     ax2.set_xlabel("step")
-    ax2.set_title("training loss (one row per step)", fontsize=10)
+    ax2.set_title(f"training loss (thin: one row per step; bold: mean of the last {LOSS_MEAN})", fontsize=10)
     if not cells:
         ax1.text(0.5, 0.5, "evaluation not run yet", ha="center", va="center", transform=ax1.transAxes)
     top = max((c["length"] for c in ckpts.values()), default=None)

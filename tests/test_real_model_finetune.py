@@ -270,3 +270,14 @@ def test_a_finished_arm_is_trained_on_only_when_asked_for_more_steps_under_a_con
             bench.parse_args(argv + ["--steps", "48", "--scheduler", "cosine"]), "pi", tmp_path, corpus, out, done
         )
     assert len(calls) == 1 and bench.finished_steps(done) == 40
+
+
+def test_target_lines_check_the_pi_arm_against_the_base_at_its_own_window():
+    bench = _bench()
+    cells = {"base|ppl|8192": {"ppl": 9.0}, "pi|ppl|16384": {"ppl": 9.9}, "pi|niah_single_1|16384": {"score": 0.8}}
+    lines = bench.target_lines(cells)
+    assert "= 9.45: measured 9.90 (missed by 4.8%)" in lines[2]
+    assert lines[3].endswith("measured 0.80 (met)")
+    cells["pi|ppl|16384"]["ppl"] = 9.45
+    assert bench.target_lines(cells)[2].endswith("measured 9.45 (met)")
+    assert bench.target_lines({"base|ppl|8192": {"ppl": 9.0}}) == []  # nothing to check yet: no section
