@@ -1042,12 +1042,19 @@ def arm_text(name: str) -> str:
     return {**REFERENCES, **ARM_TEXT}.get(name, name)
 
 
+def model_order(name: str) -> tuple[int, str]:
+    """Rows of every table in one order: the references, the arms, the variations (a file merged from several
+    processes holds them in the order they finished)."""
+    known = [*REFERENCES, *ARMS, *SWEEP]
+    return (known.index(name) if name in known else len(known), name)
+
+
 def train_table(arms: dict) -> list[str]:
     out = [
         "| arm | steps | length | dtype | S2-Attn | lr | wall | CPU | loss first -> last |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm, a in arms.items():
+    for arm, a in sorted(arms.items(), key=lambda kv: model_order(kv[0])):
         curve = a["curve"]
         losses = f"{curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}" if curve else "-"
         out.append(
@@ -1159,7 +1166,7 @@ def report_markdown(parts: dict) -> str:
     if "eval" in parts:
         ev = parts["eval"]
         cells, s = ev["cells"], ev.get("settings", {})
-        names = list(dict.fromkeys(k.split("|")[0] for k in cells))
+        names = sorted({k.split("|")[0] for k in cells}, key=model_order)
         ppl_l = sorted({int(k.split("|")[2]) for k in cells if k.split("|")[1] == "ppl"})
         niah = sorted({(k.split("|")[1], int(k.split("|")[2])) for k in cells if k.split("|")[1] != "ppl"})
         out += ["## Evaluation", ""]
@@ -1216,7 +1223,7 @@ def plot(parts: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
-    for name in dict.fromkeys(k.split("|")[0] for k in cells):
+    for name in sorted({k.split("|")[0] for k in cells}, key=model_order):
         pts = sorted((int(k.split("|")[2]), c["ppl"]) for k, c in cells.items() if k.startswith(f"{name}|ppl|"))
         if pts:
             ax1.plot(*zip(*pts), marker="o", label=arm_text(name))
