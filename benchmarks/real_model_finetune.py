@@ -6,15 +6,18 @@ beside YaRN + LoRA with the same data, steps and adapter settings, scored by per
     python benchmarks/real_model_finetune.py --parts sweep,curve  # the variations, and their held-out curve
     python benchmarks/real_model_finetune.py --quick              # smoke run: short lengths, a few steps
 
-The long run, in the background on one thread (the same command resumes it):
+The long run, in the background on one thread per process; the same command resumes it, and the same command
+started twice uses both cores (the two processes split the arms, the checkpoints and the evaluation cells: each job
+is claimed with a lock file while a process works on it):
 
-    setsid nohup env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/real_model_finetune.py \\
-        >> ~/.cache/pi_peft/real_model_finetune/run.log 2>&1 < /dev/null &
+    for i in 1 2; do setsid nohup env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python \\
+        benchmarks/real_model_finetune.py >> ~/.cache/pi_peft/real_model_finetune/run-$i.log 2>&1 < /dev/null & done
 
 Defaults, chosen from the speed part's numbers (`benchmarks/README.md`, section 7) and from an earlier held-out
-curve: 2048-token rows, batch 1, 128 steps per arm (262144 training tokens), bf16 autocast with fp32 weights (1.8x
-faster than fp32, same losses), full attention (S2-Attn saved nothing on this model at 8192), no tiled MLP (3.4x
-slower), lr 5e-4 constant after 4 warm-up steps (constant, so that a run can be extended with a larger `--steps`),
+curve: 2048-token rows, batch 1, 256 steps per arm (524288 training tokens; first run to 128, then trained on
+because PI's held-out ppl@16384 still fell 1.5 % over its last 32 steps and it missed the target), bf16 autocast
+with fp32 weights (1.8x faster than fp32, same losses), full attention (S2-Attn saved nothing on this model at
+8192), no tiled MLP (3.4x slower), lr 5e-4 constant after 4 warm-up steps (constant, so that a run can be extended with a larger `--steps`),
 LoRA r 8 / alpha 16 on all linear layers, trainable embeddings and norms (LongLoRA, as `pi-peft train` defaults), a
 checkpoint every 16 steps, all kept. Why not rows of 16384 (the extended window): one such step costs ~9 CPU-min
 here against ~25 CPU-s at 2048 (attention grows with the square of the row), so 32 steps take ~5 CPU-h per arm, and
@@ -74,6 +77,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -649,18 +653,24 @@ def arm_dir(args, arm: str) -> Path:
     return args.work_dir / "runs" / arm
 
 
-@contextlib.contextmanager
-def arm_lock(out: Path):
-    """Hold `out/.train.lock` while this process trains the arm in `out`: a second process asked for the same arm
-    (e.g. `--arms yarn` started beside a full run, to train both arms at once on two cores) waits for it instead
-    of training into the same folder; the lock goes with the process, a killed one included."""
-    with open(out / ".train.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"train {out.name}: another process is training it ({out / '.train.lock'}); waiting for it to end")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+def claimed(jobs: list, lock_file, what: str) -> Iterator:
+    """The jobs this process should do, each while it holds the job's `lock_file(job)` (flock; released with the
+    process, a killed one included): the same command started twice (one process per core) splits the jobs instead
+    of doing each one twice. A job another process holds is skipped at first and waited for at the end, then done
+    here if that process ended without it (each job checks what is on disk once it holds the lock)."""
+    held = []
+    for wait in (False, True):
+        for job in held if wait else jobs:
+            path = Path(lock_file(job))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    log(f"{what} {job}: another process holds {path}; back to it at the end")
+                    held.append(job)
+                    continue
+                yield job
 
 
 def part_train(args) -> dict:
@@ -686,11 +696,10 @@ def train_inputs(args) -> tuple[Path, dict, dict]:
 
 def train_arms(args, arms, folder: Path, corpus: dict) -> dict:
     out_arms = {}
-    for arm in arms:
+    for arm in claimed(list(arms), lambda a: arm_dir(args, a) / ".train.lock", "train"):
         out = arm_dir(args, arm)
-        out.mkdir(parents=True, exist_ok=True)
-        with arm_lock(out):
-            train_arm(args, arm, folder, corpus, out, out / "done.json")
+        train_arm(args, arm, folder, corpus, out, out / "done.json")
+    for arm in arms:
         out_arms[arm] = arm_summary(args, arm)
     return out_arms
 
@@ -806,6 +815,11 @@ class CellStore:
         with file_lock(self.path):
             save_json(self.path, dict(cells={**self.read(), key: cell}))
 
+    def share(self, jobs: list, key=lambda job: "|".join(map(str, job))) -> Iterator:
+        """`claimed(jobs)`, one claim per cell (or per model) in `<path>.claims/`."""
+        claims = self.path.with_name(self.path.name + ".claims")
+        return claimed(jobs, lambda job: claims / re.sub(r"[^\w.-]", "_", key(job)), self.path.stem.split(".")[0])
+
 
 @contextlib.contextmanager
 def file_lock(path: Path):
@@ -853,7 +867,7 @@ def part_curve(args) -> dict:
             rope = arm_settings(args, arm)["rope_type"]
             jobs.append((UNTRAINED[rope], rope, 0, reference_adapter(args, UNTRAINED[rope])))
             jobs += [(arm, rope, step, out / f"checkpoint-{step}") for step in saved_steps(out)]
-    for arm, rope, step, adapter in dict.fromkeys(jobs):
+    for arm, rope, step, adapter in store.share(list(dict.fromkeys(jobs)), key=lambda job: f"{job[0]}|{job[2]}"):
         lengths = [*args.curve_lengths, *([ORIGINAL_WINDOW] if arm == "base" and not args.quick else [])]
         todo = [n for n in dict.fromkeys(lengths) if f"{arm}|{step}|{n}" not in store.read()]  # base: + its window
         if not todo:
@@ -952,7 +966,7 @@ def part_eval(args) -> dict:
     jobs += [(name, task, n) for name in models for task in args.niah_tasks for n in args.niah_lengths]
     lm, loaded, weights = None, None, None
     trained = {n: finished_steps(arm_dir(args, n) / "done.json") for n in models if n in ARMS or n in SWEEP}
-    for name, task, length in jobs:
+    for name, task, length in store.share(jobs):
         key = f"{name}|{task}|{length}"
         cached = store.read().get(key)  # by this process or another one; an arm's, for its current adapter only
         if cached is not None and cached.get("adapter_steps") == trained.get(name):
@@ -1291,7 +1305,7 @@ def parse_args(argv=None):
     # training (both arms)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--train-length", type=int, default=2048, help="tokens per training sequence")
-    p.add_argument("--steps", type=int, default=128, help="optimizer steps per arm (batch 1)")
+    p.add_argument("--steps", type=int, default=256, help="optimizer steps per arm (batch 1)")
     p.add_argument("--save-steps", type=int, default=16, help="checkpoint every N steps (resume point, curve point)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--scheduler", default="constant_with_warmup", help="constant: a run can be extended later")

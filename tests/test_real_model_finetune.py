@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -281,3 +283,64 @@ def test_target_lines_check_the_pi_arm_against_the_base_at_its_own_window():
     cells["pi|ppl|16384"]["ppl"] = 9.45
     assert bench.target_lines(cells)[2].endswith("measured 9.45 (met)")
     assert bench.target_lines({"base|ppl|8192": {"ppl": 9.0}}) == []  # nothing to check yet: no section
+
+
+def _share_cells(path, log):
+    store = _bench().CellStore(path)
+    for job in store.share([("m", "ppl", i) for i in range(40)]):
+        key = "|".join(map(str, job))
+        if key in store.read():
+            continue
+        time.sleep(0.02)
+        store.add(key, {"pid": os.getpid()})
+        with open(log, "a") as f:
+            f.write(key + "\n")
+
+
+def test_the_same_command_twice_splits_the_cells_instead_of_computing_each_twice(tmp_path):
+    import multiprocessing
+
+    path, log = tmp_path / "eval.partial.json", tmp_path / "computed.txt"
+    procs = [multiprocessing.get_context("fork").Process(target=_share_cells, args=(path, log)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    computed = log.read_text().split()
+    assert sorted(computed) == sorted(f"m|ppl|{i}" for i in range(40))  # every cell once
+    assert len({c["pid"] for c in _bench().CellStore(path).read().values()}) == 2  # both processes worked
+
+
+def test_a_job_another_process_holds_is_skipped_then_waited_for(tmp_path):
+    import fcntl
+    import threading
+
+    store = _bench().CellStore(tmp_path / "eval.partial.json")
+    (tmp_path / "eval.partial.json.claims").mkdir()
+    jobs = [("pi", "ppl", 2048), ("pi", "ppl", 16384), ("yarn", "ppl", 2048)]
+    with open(tmp_path / "eval.partial.json.claims" / "pi_ppl_16384", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # another process is computing pi|ppl|16384
+        shared = store.share(jobs)
+        got = [next(shared), next(shared)]
+        assert got == [jobs[0], jobs[2]]
+        threading.Timer(0.2, fcntl.flock, (f, fcntl.LOCK_UN)).start()  # it ends (done, or killed: then we compute it)
+        got += list(shared)
+    assert got == [jobs[0], jobs[2], jobs[1]]
+
+
+def test_an_arm_another_process_trains_is_left_to_it_until_the_other_arms_are_done(tmp_path, monkeypatch):
+    import fcntl
+    import threading
+
+    bench = _bench()
+    args = bench.parse_args(["--work-dir", str(tmp_path)])
+    order = []
+    monkeypatch.setattr(bench, "train_arm", lambda args, arm, *rest: order.append(arm))
+    monkeypatch.setattr(bench, "arm_summary", lambda args, arm: {"arm": arm})
+    (tmp_path / "runs" / "pi").mkdir(parents=True)
+    with open(tmp_path / "runs" / "pi" / ".train.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # `--arms pi` is running in another process
+        threading.Timer(0.2, fcntl.flock, (f, fcntl.LOCK_UN)).start()
+        arms = bench.train_arms(args, ["pi", "yarn"], tmp_path, {})
+    assert order == ["yarn", "pi"]  # yarn first; then pi, which `train_arm` finds finished (or resumes, if it died)
+    assert list(arms) == ["pi", "yarn"]
