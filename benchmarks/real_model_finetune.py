@@ -20,10 +20,10 @@ held-out ppl@16384 still fell 1.5 % over its last 32 steps and it missed the tar
 slower), lr 5e-4 constant after 4 warm-up steps (constant, so that a run can be extended with a larger `--steps`), LoRA
 r 8 / alpha 16 on all linear layers, trainable embeddings and norms (LongLoRA, as `pi-peft train` defaults), a
 checkpoint every 16 steps, all kept. Why not rows of 16384 (the extended window): one such step costs ~9 CPU-min here
-against ~25 CPU-s at 2048 (attention grows with the square of the row), so 32 steps take ~5 CPU-h per arm, and in the
-run at commit fc28f81 (`benchmarks/results/real_model_finetune.md` there) PI's held-out ppl@16384 after 20 steps of
-16384 (14.01, ~3.3 CPU-h) was worse than after 32 steps of 2048 (13.38, ~13 CPU-min): PI's recovery is limited by
-steps, not by the row length. The `pi-16k` variation measures that again at equal training tokens.
+against ~14 CPU-s at 2048 (the arms' mean; attention grows with the square of the row), so 32 steps take ~5 CPU-h per
+arm, and in the run at commit fc28f81 (`benchmarks/results/real_model_finetune.md` there) PI's held-out ppl@16384 after
+20 steps of 16384 (14.01, ~3.3 CPU-h) was worse than after 32 steps of 2048 (13.38, ~13 CPU-min): PI's recovery is
+limited by steps, not by the row length. The `pi-16k` variation measures that again at equal training tokens.
 
 Run it again with the same arguments to resume: each arm's `pi-peft train` restarts from its newest complete
 checkpoint (`--resume_from_checkpoint true`), a finished arm (final adapter + `done.json`) is never retrained, and
