@@ -953,7 +953,8 @@ def load_lm(args, folder: Path, adapter: Path | None):
 
 
 def part_eval(args) -> dict:
-    """Perplexity of every model first (the cheaper cells), then RULER; every finished cell is kept on disk."""
+    """Perplexity of every model first (the cheaper cells), then RULER, the fine-tuned arms before the untrained
+    references in each; every finished cell is kept on disk."""
     import torch
     from transformers import AutoTokenizer
 
@@ -962,10 +963,11 @@ def part_eval(args) -> dict:
     ids = eval_ids(args, tokenizer)
     store = CellStore(args.work_dir / "eval.partial.json")
     models = eval_models(args)
-    jobs = [(name, "ppl", n) for name in models for n in args.ppl_lengths]
-    jobs += [(name, task, n) for name in models for task in args.niah_tasks for n in args.niah_lengths]
-    lm, loaded, weights = None, None, None
     trained = {n: finished_steps(arm_dir(args, n) / "done.json") for n in models if n in ARMS or n in SWEEP}
+    order = sorted(models, key=lambda n: n not in trained)  # the fine-tuned arms first: they carry the claim
+    jobs = [(name, "ppl", n) for name in order for n in args.ppl_lengths]
+    jobs += [(name, task, n) for name in order for task in args.niah_tasks for n in args.niah_lengths]
+    lm, loaded, weights = None, None, None
     for name, task, length in store.share(jobs):
         key = f"{name}|{task}|{length}"
         cached = store.read().get(key)  # by this process or another one; an arm's, for its current adapter only
