@@ -1237,12 +1237,16 @@ def plot(parts: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    def color(name):  # one colour per model in every panel
+        return plt.get_cmap("tab10")(model_order(name)[0] % 10)
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
     for name in sorted({k.split("|")[0] for k in cells}, key=model_order):
         pts = sorted((int(k.split("|")[2]), c["ppl"]) for k, c in cells.items() if k.startswith(f"{name}|ppl|"))
         if pts:
-            ax1.plot(*zip(*pts), marker="o", label=arm_text(name))
+            ax1.plot(*zip(*pts), marker="o", color=color(name), label=arm_text(name))
     ax1.axvline(ORIGINAL_WINDOW, color="grey", linestyle="--", linewidth=1)
     if f"base|ppl|{ORIGINAL_WINDOW}" in cells:
         target = 1.05 * cells[f"base|ppl|{ORIGINAL_WINDOW}"]["ppl"]
@@ -1250,30 +1254,36 @@ def plot(parts: dict, path: Path) -> None:
     ax1.set_xlabel("window (tokens)")
     ax1.set_yscale("log")
     ax1.set_title("perplexity on held-out pydoc_data text", fontsize=10)
-    for arm, a in arms.items():
+    for arm, a in sorted(arms.items(), key=lambda kv: model_order(kv[0])):
         steps, losses = [c["step"] for c in a["curve"]], [c["loss"] for c in a["curve"]]
         if steps:  # one row per step is noisy: the mean of the last LOSS_MEAN steps drawn over the raw losses
-            (line,) = ax2.plot(steps, losses, lw=0.6, alpha=0.35)
+            ax2.plot(steps, losses, color=color(arm), lw=0.6, alpha=0.35)
             mean = [sum(losses[max(0, i - LOSS_MEAN + 1) : i + 1]) / min(i + 1, LOSS_MEAN) for i in range(len(losses))]
-            ax2.plot(steps, mean, color=line.get_color(), lw=1.8, label=arm_text(arm))
+            ax2.plot(steps, mean, color=color(arm), lw=1.8, label=arm_text(arm))
     ax2.set_xlabel("step")
     ax2.set_title(f"training loss (thin: one row per step; bold: mean of the last {LOSS_MEAN})", fontsize=10)
     if not cells:
         ax1.text(0.5, 0.5, "evaluation not run yet", ha="center", va="center", transform=ax1.transAxes)
     top = max((c["length"] for c in ckpts.values()), default=None)
-    for arm in dict.fromkeys(c["arm"] for c in ckpts.values() if c["step"] > 0):
+    for arm in sorted({c["arm"] for c in ckpts.values() if c["step"] > 0}, key=model_order):
         row = arms[arm]["train_length"] if arm in arms else 0  # tokens per step
         pts = sorted(
             (c["step"] * row / 1e6, c["ppl"]) for c in ckpts.values() if c["arm"] == arm and c["length"] == top
         )
         start = ckpts.get(f"{UNTRAINED[next(c['rope_type'] for c in ckpts.values() if c['arm'] == arm)]}|0|{top}")
-        ax3.plot(*zip(*([(0, start["ppl"])] if start else []), *pts), marker="o", label=arm_text(arm))
+        ax3.plot(
+            *zip(*([(0, start["ppl"])] if start else []), *pts), marker="o", color=color(arm), label=arm_text(arm)
+        )
     base = ckpts.get(f"base|0|{ORIGINAL_WINDOW}")
     if base:
         ax3.axhline(1.05 * base["ppl"], color="black", linestyle=":", linewidth=1, label="target: 1.05 x base at 8192")
     ax3.set_xlabel("training tokens (millions)")
     ax3.set_yscale("log")
     ax3.set_title(f"held-out perplexity at {top} by checkpoint", fontsize=10)
+    for ax in (ax1, ax3):  # plain numbers on the log axes
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 3, 5, 7)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for ax in (ax1, ax2, ax3):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
