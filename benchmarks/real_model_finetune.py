@@ -1141,7 +1141,8 @@ def speed_markdown(sp: dict, gc: dict | None) -> list[str]:
         steps = ", ".join(f"{c if c is not None else '-'} ({w:.1f})" for c, w in zip(cpu, r["step_seconds"]))
         losses = ", ".join(f"{x:.3f}" for x in r["losses"])
         cells = [DTYPE_TEXT[r["dtype"]] + extra, r["length"], per_cpu, tok_cpu, f"{r['seconds_per_step']:.1f}"]
-        cells += [steps, losses, f"{r.get('measured', '?')} ({r.get('loadavg_1min', '?')})"]
+        when = f"{r['measured']} ({r['loadavg_1min']})" if "measured" in r else "not recorded (an earlier version)"
+        cells += [steps, losses, when]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     out += [
         "",
