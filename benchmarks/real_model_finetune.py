@@ -952,9 +952,17 @@ def load_lm(args, folder: Path, adapter: Path | None):
     )
 
 
+def eval_jobs(args, models, trained) -> list[tuple[str, str, int]]:
+    """(model, task, length) cells in the order they are computed: perplexity of every model first (the cheaper
+    cells), then RULER, the fine-tuned arms (`trained`) before the untrained references in each: they carry the
+    claim, and a run cut short has their numbers first."""
+    order = sorted(models, key=lambda n: n not in trained)  # stable: the command line's order otherwise
+    jobs = [(name, "ppl", n) for name in order for n in args.ppl_lengths]
+    return jobs + [(name, task, n) for name in order for task in args.niah_tasks for n in args.niah_lengths]
+
+
 def part_eval(args) -> dict:
-    """Perplexity of every model first (the cheaper cells), then RULER, the fine-tuned arms before the untrained
-    references in each; every finished cell is kept on disk."""
+    """Every cell of `eval_jobs`, each finished one kept on disk."""
     import torch
     from transformers import AutoTokenizer
 
@@ -964,11 +972,8 @@ def part_eval(args) -> dict:
     store = CellStore(args.work_dir / "eval.partial.json")
     models = eval_models(args)
     trained = {n: finished_steps(arm_dir(args, n) / "done.json") for n in models if n in ARMS or n in SWEEP}
-    order = sorted(models, key=lambda n: n not in trained)  # the fine-tuned arms first: they carry the claim
-    jobs = [(name, "ppl", n) for name in order for n in args.ppl_lengths]
-    jobs += [(name, task, n) for name in order for task in args.niah_tasks for n in args.niah_lengths]
     lm, loaded, weights = None, None, None
-    for name, task, length in store.share(jobs):
+    for name, task, length in store.share(eval_jobs(args, models, trained)):
         key = f"{name}|{task}|{length}"
         cached = store.read().get(key)  # by this process or another one; an arm's, for its current adapter only
         if cached is not None and cached.get("adapter_steps") == trained.get(name):

@@ -344,3 +344,16 @@ def test_an_arm_another_process_trains_is_left_to_it_until_the_other_arms_are_do
         arms = bench.train_arms(args, ["pi", "yarn"], tmp_path, {})
     assert order == ["yarn", "pi"]  # yarn first; then pi, which `train_arm` finds finished (or resumes, if it died)
     assert list(arms) == ["pi", "yarn"]
+
+
+def test_eval_scores_the_fine_tuned_arms_before_the_untrained_references():
+    bench = _bench()
+    args = bench.parse_args(["--eval-models", "base", "pi0", "yarn0", "pi", "yarn"])
+    models = dict.fromkeys(args.eval_models)
+    jobs = bench.eval_jobs(args, models, trained={"pi": 256, "yarn": 256})
+    ppl = [j for j in jobs if j[1] == "ppl"]
+    niah = [j for j in jobs if j[1] != "ppl"]
+    assert jobs == ppl + niah  # every perplexity cell before any RULER cell
+    assert [j[0] for j in niah][:12] == ["pi"] * 6 + ["yarn"] * 6
+    assert list(dict.fromkeys(j[0] for j in niah)) == ["pi", "yarn", "base", "pi0", "yarn0"]
+    assert len(jobs) == 5 * (len(args.ppl_lengths) + len(args.niah_tasks) * len(args.niah_lengths))
