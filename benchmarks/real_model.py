@@ -1242,10 +1242,10 @@ def write_report(args) -> None:
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
 def save_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    """Complete or absent, through a temporary file of this process's own: two processes may write one file."""
+    from pi_peft.utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=False, default=str) + "\n")
 
 
 def environment() -> dict:

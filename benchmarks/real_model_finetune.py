@@ -1295,19 +1295,24 @@ def plot(parts: dict, path: Path) -> None:
             ax.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M (original window 8192, dashed)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from pi_peft.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
 def write_report(args) -> None:
-    parts = load_parts(args)
-    if not parts:
-        return
+    from pi_peft.utils import atomic_write_text
+
     dest = args.work_dir if args.quick else args.results
-    dest.mkdir(parents=True, exist_ok=True)
-    save_json(dest / "real_model_finetune.json", {"command": "python benchmarks/real_model_finetune.py", **parts})
-    (dest / "real_model_finetune.md").write_text(report_markdown(parts))
-    plot(parts, dest / "real_model_finetune.png")
+    with file_lock(args.work_dir / "report"):  # the json, md and png of one state, also with two processes
+        parts = load_parts(args)
+        if not parts:
+            return
+        save_json(dest / "real_model_finetune.json", {"command": "python benchmarks/real_model_finetune.py", **parts})
+        atomic_write_text(dest / "real_model_finetune.md", report_markdown(parts))
+        plot(parts, dest / "real_model_finetune.png")
     log(f"report: {dest / 'real_model_finetune.md'}")
 
 

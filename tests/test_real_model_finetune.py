@@ -357,3 +357,28 @@ def test_eval_scores_the_fine_tuned_arms_before_the_untrained_references():
     assert [j[0] for j in niah][:12] == ["pi"] * 6 + ["yarn"] * 6
     assert list(dict.fromkeys(j[0] for j in niah)) == ["pi", "yarn", "base", "pi0", "yarn0"]
     assert len(jobs) == 5 * (len(args.ppl_lengths) + len(args.niah_tasks) * len(args.niah_lengths))
+
+
+def _write_often(path: str, n: int, start) -> None:
+    bench = _bench()
+    start.wait()  # both processes write at the same time
+    for i in range(n):
+        bench.save_json(Path(path), {"writer": os.getpid(), "i": i})
+
+
+def test_two_processes_writing_one_report_file_at_once_both_succeed(tmp_path):
+    # the two processes of the same command each write the report after every part: a shared temporary name made one
+    # of them fail on os.replace (the other had already moved the file away)
+    import multiprocessing
+
+    path = tmp_path / "real_model_finetune.json"
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_write_often, args=(str(path), 1000, start)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert json.loads(path.read_text())["i"] == 999
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["real_model_finetune.json"]  # no temporary file left
