@@ -954,11 +954,11 @@ def load_lm(args, folder: Path, adapter: Path | None):
 
 def eval_jobs(args, models, trained) -> list[tuple[str, str, int]]:
     """(model, task, length) cells in the order they are computed: perplexity of every model first (the cheaper
-    cells), then RULER, the fine-tuned arms (`trained`) before the untrained references in each: they carry the
-    claim, and a run cut short has their numbers first."""
+    cells), then RULER task by task (`niah_single_1`, the target's, first), the fine-tuned arms (`trained`) before
+    the untrained references in each: a run cut short has the claim's numbers first, then whole tables."""
     order = sorted(models, key=lambda n: n not in trained)  # stable: the command line's order otherwise
     jobs = [(name, "ppl", n) for name in order for n in args.ppl_lengths]
-    return jobs + [(name, task, n) for name in order for task in args.niah_tasks for n in args.niah_lengths]
+    return jobs + [(name, task, n) for task in args.niah_tasks for name in order for n in args.niah_lengths]
 
 
 def part_eval(args) -> dict:

@@ -354,8 +354,11 @@ def test_eval_scores_the_fine_tuned_arms_before_the_untrained_references():
     ppl = [j for j in jobs if j[1] == "ppl"]
     niah = [j for j in jobs if j[1] != "ppl"]
     assert jobs == ppl + niah  # every perplexity cell before any RULER cell
-    assert [j[0] for j in niah][:12] == ["pi"] * 6 + ["yarn"] * 6
+    n = len(args.niah_lengths)
+    assert [j[0] for j in niah][: 2 * n] == ["pi"] * n + ["yarn"] * n
     assert list(dict.fromkeys(j[0] for j in niah)) == ["pi", "yarn", "base", "pi0", "yarn0"]
+    assert list(dict.fromkeys(j[1] for j in niah)) == ["niah_single_1", "niah_multikey_2"]  # the target's task first
+    assert {j[1] for j in niah[: 5 * n]} == {"niah_single_1"}  # its whole table before the next task
     assert len(jobs) == 5 * (len(args.ppl_lengths) + len(args.niah_tasks) * len(args.niah_lengths))
 
 
