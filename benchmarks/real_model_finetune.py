@@ -1040,11 +1040,13 @@ def eval_cell(args, lm, folder: Path, ids: list[int], task: str, length: int) ->
 def load_parts(args) -> dict:
     parts = {}
     for name in PARTS:
-        for suffix in ("", ".partial"):
-            path = args.work_dir / f"{name}{suffix}.json"
-            if path.exists():
-                parts[name] = {**json.loads(path.read_text()), **({"partial": True} if suffix else {})}
-                break
+        done, partial = args.work_dir / f"{name}.json", args.work_dir / f"{name}.partial.json"
+        if done.exists():
+            parts[name] = json.loads(done.read_text())
+            if partial.exists() and partial.stat().st_mtime > done.stat().st_mtime:  # a later run is adding cells
+                parts[name] = {**parts[name], "cells": json.loads(partial.read_text())["cells"], "partial": True}
+        elif partial.exists():
+            parts[name] = {**json.loads(partial.read_text()), "partial": True}
     if "train" not in parts and (args.work_dir / "runs").exists():  # a run in progress: its curves so far
         parts["train"] = dict(
             arms={a: arm_summary(args, a) for a in args.arms if arm_dir(args, a).exists()}, partial=True

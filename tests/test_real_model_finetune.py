@@ -385,3 +385,19 @@ def test_two_processes_writing_one_report_file_at_once_both_succeed(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     assert json.loads(path.read_text())["i"] == 999
     assert sorted(f.name for f in tmp_path.iterdir()) == ["real_model_finetune.json"]  # no temporary file left
+
+
+def test_the_report_shows_the_cells_of_a_run_in_progress_over_an_older_finished_part(tmp_path):
+    bench = _bench()
+    args = bench.parse_args(["--work-dir", str(tmp_path)])
+    bench.save_json(tmp_path / "eval.json", {"cells": {"base|ppl|2048": {"ppl": 9.9}}, "settings": {"ppl_tokens": 8}})
+    assert bench.load_parts(args)["eval"] == {"cells": {"base|ppl|2048": {"ppl": 9.9}}, "settings": {"ppl_tokens": 8}}
+    store = bench.CellStore(tmp_path / "eval.partial.json")
+    os.utime(tmp_path / "eval.json", (time.time() - 60, time.time() - 60))  # finished a minute ago
+    store.add("base|ppl|2048", {"ppl": 9.9})
+    store.add("pi|ppl|2048", {"ppl": 11.2})  # a later run, still going
+    part = bench.load_parts(args)["eval"]
+    assert set(part["cells"]) == {"base|ppl|2048", "pi|ppl|2048"} and part["partial"] is True
+    assert part["settings"] == {"ppl_tokens": 8}
+    bench.save_json(tmp_path / "eval.json", {"cells": store.read(), "settings": {"ppl_tokens": 8}})  # it finished
+    assert "partial" not in bench.load_parts(args)["eval"]
