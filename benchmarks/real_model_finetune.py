@@ -1192,7 +1192,9 @@ def report_markdown(parts: dict) -> str:
         cells, s = ev["cells"], ev.get("settings", {})
         names = sorted({k.split("|")[0] for k in cells}, key=model_order)
         ppl_l = sorted({int(k.split("|")[2]) for k in cells if k.split("|")[1] == "ppl"})
-        niah = sorted({(k.split("|")[1], int(k.split("|")[2])) for k in cells if k.split("|")[1] != "ppl"})
+        tasks = [*s.get("niah_tasks", NIAH_TASKS)]  # columns in the command line's task order: the target's first
+        niah = {(k.split("|")[1], int(k.split("|")[2])) for k in cells if k.split("|")[1] != "ppl"}
+        niah = sorted(niah, key=lambda tn: (tasks.index(tn[0]) if tn[0] in tasks else len(tasks), tn))
         out += ["## Evaluation", ""]
         if ev.get("partial"):
             out += ["**Partial**: cells without a value were not reached.", ""]
