@@ -20,10 +20,10 @@ held-out ppl@16384 still fell 1.5 % over its last 32 steps and it missed the tar
 slower), lr 5e-4 constant after 4 warm-up steps (constant, so that a run can be extended with a larger `--steps`), LoRA
 r 8 / alpha 16 on all linear layers, trainable embeddings and norms (LongLoRA, as `pi-peft train` defaults), a
 checkpoint every 16 steps, all kept. Why not rows of 16384 (the extended window): one such step costs ~9 CPU-min here
-against ~14 CPU-s at 2048 (the arms' mean; attention grows with the square of the row), so 32 steps take ~5 CPU-h per
+against ~15 CPU-s at 2048 (the arms' mean; attention grows with the square of the row), so 32 steps take ~5 CPU-h per
 arm, and in the run at commit fc28f81 (`benchmarks/results/real_model_finetune.md` there) PI's held-out ppl@16384 after
-20 steps of 16384 (14.01, ~3.3 CPU-h) was worse than after 32 steps of 2048 (13.38, ~13 CPU-min): PI's recovery is
-limited by steps, not by the row length. The `pi-16k` variation measures that again at equal training tokens.
+20 steps of 16384 (14.01, ~3.3 CPU-h) was worse than after 32 steps of 2048 (13.38, ~13 CPU-min): at equal CPU time
+many short steps beat a few long ones here. The `pi-16k` variation compares them at equal training tokens.
 
 Run it again with the same arguments to resume: each arm's `pi-peft train` restarts from its newest complete
 checkpoint (`--resume_from_checkpoint true`), a finished arm (final adapter + `done.json`) is never retrained, and
@@ -1074,16 +1074,17 @@ def model_order(name: str) -> tuple[int, str]:
 
 def train_table(arms: dict) -> list[str]:
     out = [
-        "| arm | steps | length | dtype | S2-Attn | lr | wall | CPU | loss first -> last |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | steps | length | dtype | S2-Attn | lr | wall | CPU | CPU s/step | loss first -> last |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, a in sorted(arms.items(), key=lambda kv: model_order(kv[0])):
         curve = a["curve"]
         losses = f"{curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}" if curve else "-"
+        per_step = f"{a['cpu_seconds'] / a['steps_done']:.1f}" if a.get("cpu_seconds") and a["steps_done"] else "-"
         out.append(
             f"| {arm_text(arm)} | {a['steps_done']}/{a['steps']} | {a['train_length']} | {a['dtype']} | "
             f"{a['s2_attn']} | {a['learning_rate']} | {fmt_time(a['wall_seconds'])} | "
-            f"{fmt_time(a['cpu_seconds'])} | {losses} |"
+            f"{fmt_time(a['cpu_seconds'])} | {per_step} | {losses} |"
         )
     return out + [""]
 
