@@ -1217,7 +1217,27 @@ def report_markdown(parts: dict) -> str:
             "",
         ]
         out += target_lines(cells)
-    return "\n".join(out)
+    return "\n".join(out + time_lines(parts))
+
+
+def time_lines(parts: dict) -> list[str]:
+    """The compute behind the report, part by part, summed from what each job recorded (resumed runs included:
+    every chunk and every cell keeps its own time); an arm's evaluation cells of an earlier adapter are not counted."""
+    arms = {**parts.get("train", {}).get("arms", {}), **parts.get("sweep", {}).get("arms", {})}
+    rows = [("training (every arm)", sum(a.get("cpu_seconds") or 0 for a in arms.values()), "the trainer processes")]
+    speed = parts.get("speed", {}).get("rows", [])
+    rows.append(("speed (fp32 vs bf16)", sum(r.get("process_cpu_seconds") or 0 for r in speed), "its processes"))
+    rows.append(("check (gradients)", parts.get("check", {}).get("wall_seconds") or 0, "wall, one thread"))
+    curve = parts.get("curve", {}).get("cells", {}).values()
+    rows.append(("held-out curve", sum(c.get("seconds") or 0 for c in curve), "wall of each cell, one thread"))
+    cells = parts.get("eval", {}).get("cells", {}).values()
+    rows.append(("evaluation", sum(c.get("cpu_seconds") or c.get("seconds") or 0 for c in cells), "each cell"))
+    rows = [r for r in rows if r[1]]
+    if not rows:
+        return []
+    out = ["## Compute", "", "| part | CPU time | measured as |", "|---|---|---|"]
+    out += [f"| {name} | {t / 3600:.2f} h | {how} |" for name, t, how in rows]
+    return out + [f"| total | {sum(r[1] for r in rows) / 3600:.2f} h | |", ""]
 
 
 def target_lines(cells: dict) -> list[str]:
