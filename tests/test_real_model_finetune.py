@@ -406,14 +406,17 @@ def test_the_report_shows_the_cells_of_a_run_in_progress_over_an_older_finished_
 def test_the_compute_table_sums_what_every_job_recorded():
     bench = _bench()
     parts = {
-        "train": {"arms": {"pi": {"cpu_seconds": 3600.0}, "yarn": {"cpu_seconds": 1800.0}}},
+        "train": {
+            "arms": {"pi": {"cpu_seconds": 3600.0, "wall_seconds": 3960.0}, "yarn": {"cpu_seconds": 1800.0}},
+            "invocation_wall_seconds": 0.2,  # a cached rerun's: not the training's wall time
+        },
         "curve": {"cells": {"a": {"seconds": 900.0}, "b": {"seconds": 900.0}}},
         "eval": {"cells": {"c": {"cpu_seconds": 7200.0, "seconds": 9000.0}}},
     }
     lines = bench.time_lines(parts)
-    assert "| training (every arm) | 1.50 h | the trainer processes |" in lines
-    assert "| held-out curve | 0.50 h | wall of each cell, one thread |" in lines
-    assert "| evaluation | 2.00 h | each cell |" in lines  # CPU time where the cell has it
-    assert "| total | 4.00 h | |" in lines
+    assert "| training (every arm) | 1.50 h | 1.10 h | the trainer processes |" in lines
+    assert "| held-out curve | 0.50 h | 0.50 h | wall of each cell, one thread |" in lines
+    assert "| evaluation | 2.00 h | 2.50 h | each cell |" in lines  # CPU time where the cell has it
+    assert "| total | 4.00 h | 4.10 h | |" in lines
     assert not any("speed" in line for line in lines)  # parts not run are left out
     assert bench.time_lines({}) == []
