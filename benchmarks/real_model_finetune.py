@@ -881,9 +881,13 @@ def part_curve(args) -> dict:
             continue
         weights = adapter_sha256(adapter)
         for n in todo:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             cell = dict(arm=arm, rope_type=rope, step=step, length=n, **perplexity(model, ids, n))
-            cell.update(seconds=round(time.perf_counter() - start, 1), adapter_sha256=weights)
+            cell.update(
+                seconds=round(time.perf_counter() - start, 1),
+                cpu_seconds=round(time.process_time() - cpu, 1),  # > seconds with --threads > 1
+                adapter_sha256=weights,
+            )
             store.add(f"{arm}|{step}|{n}", cell)
             log(f"curve {arm} step {step} ppl@{n}: {cell['ppl']:.3f} ({cell['scored_tokens']} tokens)")
         del model
@@ -1236,8 +1240,8 @@ def time_lines(parts: dict) -> list[str]:
         ("speed (fp32 vs bf16)", sum(r.get("process_cpu_seconds") or 0 for r in speed),
          sum(r.get("process_wall_seconds") or 0 for r in speed), "its processes"),
         ("check (gradients)", check_wall, check_wall, "wall, one thread"),
-        ("held-out curve", sum(c.get("seconds") or 0 for c in curve), sum(c.get("seconds") or 0 for c in curve),
-         "wall of each cell, one thread"),
+        ("held-out curve", sum(c.get("cpu_seconds") or c.get("seconds") or 0 for c in curve),
+         sum(c.get("seconds") or 0 for c in curve), "each cell (wall where one thread did not record CPU)"),
         ("evaluation", sum(c.get("cpu_seconds") or c.get("seconds") or 0 for c in cells),
          sum(c.get("seconds") or 0 for c in cells), "each cell"),
     ]  # fmt: skip

@@ -410,13 +410,13 @@ def test_the_compute_table_sums_what_every_job_recorded():
             "arms": {"pi": {"cpu_seconds": 3600.0, "wall_seconds": 3960.0}, "yarn": {"cpu_seconds": 1800.0}},
             "invocation_wall_seconds": 0.2,  # a cached rerun's: not the training's wall time
         },
-        "curve": {"cells": {"a": {"seconds": 900.0}, "b": {"seconds": 900.0}}},
+        "curve": {"cells": {"a": {"seconds": 900.0}, "b": {"seconds": 450.0, "cpu_seconds": 900.0}}},
         "eval": {"cells": {"c": {"cpu_seconds": 7200.0, "seconds": 9000.0}}},
     }
     lines = bench.time_lines(parts)
     assert "| training (every arm) | 1.50 h | 1.10 h | the trainer processes |" in lines
-    assert "| held-out curve | 0.50 h | 0.50 h | wall of each cell, one thread |" in lines
+    assert "| held-out curve | 0.50 h | 0.38 h | each cell (wall where one thread did not record CPU) |" in lines
     assert "| evaluation | 2.00 h | 2.50 h | each cell |" in lines  # CPU time where the cell has it
-    assert "| total | 4.00 h | 4.10 h | |" in lines
+    assert "| total | 4.00 h | 3.98 h | |" in lines
     assert not any("speed" in line for line in lines)  # parts not run are left out
     assert bench.time_lines({}) == []
