@@ -77,7 +77,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -851,6 +851,13 @@ def saved_steps(out: Path) -> list[int]:
     return sorted(steps)
 
 
+def clock() -> Callable[[], dict]:
+    """Start timing a cell; calling the result gives its `seconds` (wall) and `cpu_seconds` (this process, every
+    thread: more than the wall time with `--threads` > 1) so far."""
+    start, cpu = time.perf_counter(), time.process_time()
+    return lambda: dict(seconds=round(time.perf_counter() - start, 1), cpu_seconds=round(time.process_time() - cpu, 1))
+
+
 def part_curve(args) -> dict:
     """Held-out perplexity at `--curve-lengths` (the first `--curve-tokens` tokens of the evaluation text) of the base,
     of each rope type's untrained adapter (step 0) and of every complete checkpoint of every arm found under
@@ -881,13 +888,9 @@ def part_curve(args) -> dict:
             continue
         weights = adapter_sha256(adapter)
         for n in todo:
-            start, cpu = time.perf_counter(), time.process_time()
+            elapsed = clock()
             cell = dict(arm=arm, rope_type=rope, step=step, length=n, **perplexity(model, ids, n))
-            cell.update(
-                seconds=round(time.perf_counter() - start, 1),
-                cpu_seconds=round(time.process_time() - cpu, 1),  # > seconds with --threads > 1
-                adapter_sha256=weights,
-            )
+            cell.update(**elapsed(), adapter_sha256=weights)
             store.add(f"{arm}|{step}|{n}", cell)
             log(f"curve {arm} step {step} ppl@{n}: {cell['ppl']:.3f} ({cell['scored_tokens']} tokens)")
         del model
@@ -985,15 +988,14 @@ def part_eval(args) -> dict:
         if loaded != name:
             del lm
             lm, loaded, weights = load_lm(args, folder, models[name]), name, adapter_sha256(models[name])
-        start, cpu = time.perf_counter(), time.process_time()
+        elapsed = clock()
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.eval_bf16)
         with autocast:
             cell = eval_cell(args, lm, folder, ids, task, length)
         cell.update(
             adapter_steps=trained.get(name),
             adapter_sha256=weights,
-            seconds=round(time.perf_counter() - start, 1),
-            cpu_seconds=round(time.process_time() - cpu, 1),
+            **elapsed(),
             dtype="bf16 autocast, fp32 weights" if args.eval_bf16 else "float32",
         )
         store.add(key, cell)
@@ -1224,6 +1226,13 @@ def report_markdown(parts: dict) -> str:
     return "\n".join(out + time_lines(parts))
 
 
+def cells_time(cells) -> tuple[float, float]:
+    """(CPU, wall) seconds of curve or evaluation cells; a cell without CPU time (one thread, an earlier version of
+    this script) counts its wall time as CPU time."""
+    cells = list(cells)
+    return sum(c.get("cpu_seconds") or c.get("seconds") or 0 for c in cells), sum(c.get("seconds") or 0 for c in cells)
+
+
 def time_lines(parts: dict) -> list[str]:
     """The compute behind the report, part by part, summed from what each job recorded (resumed runs included:
     every chunk and every cell keeps its own time); an arm's evaluation cells of an earlier adapter are not counted.
@@ -1232,18 +1241,16 @@ def time_lines(parts: dict) -> list[str]:
     check = parts.get("check", {})
     check_wall = check.get("invocation_wall_seconds", check.get("wall_seconds")) or 0  # always recomputed
     speed = parts.get("speed", {}).get("rows", [])
-    curve = parts.get("curve", {}).get("cells", {}).values()
-    cells = parts.get("eval", {}).get("cells", {}).values()
+    curve = cells_time(parts.get("curve", {}).get("cells", {}).values())
+    evaluation = cells_time(parts.get("eval", {}).get("cells", {}).values())
     rows = [  # (part, CPU seconds, wall seconds, how the CPU time was measured)
         ("training (every arm)", sum(a.get("cpu_seconds") or 0 for a in arms),
          sum(a.get("wall_seconds") or 0 for a in arms), "the trainer processes"),
         ("speed (fp32 vs bf16)", sum(r.get("process_cpu_seconds") or 0 for r in speed),
          sum(r.get("process_wall_seconds") or 0 for r in speed), "its processes"),
         ("check (gradients)", check_wall, check_wall, "wall, one thread"),
-        ("held-out curve", sum(c.get("cpu_seconds") or c.get("seconds") or 0 for c in curve),
-         sum(c.get("seconds") or 0 for c in curve), "each cell (wall where one thread did not record CPU)"),
-        ("evaluation", sum(c.get("cpu_seconds") or c.get("seconds") or 0 for c in cells),
-         sum(c.get("seconds") or 0 for c in cells), "each cell"),
+        ("held-out curve", *curve, "each cell (wall where one thread did not record CPU)"),
+        ("evaluation", *evaluation, "each cell"),
     ]  # fmt: skip
     rows = [r for r in rows if r[1]]
     if not rows:
